@@ -1,0 +1,72 @@
+"""The antrea-flow command line: one sub-command per deployable role."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import UsageError
+from .ipfix.address import AddressError
+
+
+def _collector(sub) -> None:
+    p = sub.add_parser(
+        "collector",
+        help="receive IPFIX and print one line per data record",
+        description="Listen for IPFIX (TCP, UDP or mutual TLS) and print each decoded data "
+        "record on one line.",
+    )
+    p.add_argument(
+        "--address",
+        default="0.0.0.0:4739:tcp",
+        help="HOST:PORT[:tcp|udp|tls] to listen on (default 0.0.0.0:4739:tcp)",
+    )
+    p.add_argument("--ca", help="CA certificate that signs accepted client certificates (tls)")
+    p.add_argument("--cert", help="server certificate (tls)")
+    p.add_argument("--key", help="server private key (tls)")
+    p.add_argument("--output", choices=("json", "text"), default="json")
+
+
+def _quickstart(sub) -> None:
+    p = sub.add_parser(
+        "quickstart",
+        help="run a demo: an exporter streaming flow records to a collector over mutual TLS",
+    )
+    p.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
+    p.add_argument("--output", default="out/quickstart", help="directory for flows.jsonl")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="antrea-flow", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    _collector(sub)
+    _quickstart(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "collector":
+            from . import collector
+
+            return collector.main(args)
+        if args.command == "quickstart":
+            from . import quickstart
+
+            return quickstart.main(args)
+    except (AddressError, UsageError, OSError) as exc:
+        print(f"antrea-flow {args.command}: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The templates of Antrea's flow exporter (node agent), as upstream lays them out."""
+
+from __future__ import annotations
+
+from .templates import Template
+
+EXPORTER_TEMPLATE_ID_IPV4 = 256
+EXPORTER_TEMPLATE_ID_IPV6 = 257
+
+
+def exporter_element_names(ipv6: bool) -> list[str]:
+    """Every exporter IE of Antrea's flow visibility tables, in the upstream agent's order."""
+    family = "IPv6" if ipv6 else "IPv4"
+    return [
+        "flowStartSeconds",
+        "flowEndSeconds",
+        "flowEndReason",
+        "sourceTransportPort",
+        "destinationTransportPort",
+        "protocolIdentifier",
+        "packetTotalCount",
+        "octetTotalCount",
+        "packetDeltaCount",
+        "octetDeltaCount",
+        f"source{family}Address",
+        f"destination{family}Address",
+        "reversePacketTotalCount",
+        "reverseOctetTotalCount",
+        "reversePacketDeltaCount",
+        "reverseOctetDeltaCount",
+        "sourcePodName",
+        "sourcePodNamespace",
+        "sourceNodeName",
+        "destinationPodName",
+        "destinationPodNamespace",
+        "destinationNodeName",
+        "destinationServicePort",
+        "destinationServicePortName",
+        "ingressNetworkPolicyName",
+        "ingressNetworkPolicyNamespace",
+        "ingressNetworkPolicyType",
+        "ingressNetworkPolicyRuleName",
+        "ingressNetworkPolicyRuleAction",
+        "egressNetworkPolicyName",
+        "egressNetworkPolicyNamespace",
+        "egressNetworkPolicyType",
+        "egressNetworkPolicyRuleName",
+        "egressNetworkPolicyRuleAction",
+        "tcpState",
+        "flowType",
+        f"destinationCluster{family}",
+    ]
+
+
+def exporter_templates() -> list[Template]:
+    """The IPv4 (256) and IPv6 (257) templates of the flow exporter."""
+    return [
+        Template.from_names(EXPORTER_TEMPLATE_ID_IPV4, exporter_element_names(ipv6=False)),
+        Template.from_names(EXPORTER_TEMPLATE_ID_IPV6, exporter_element_names(ipv6=True)),
+    ]

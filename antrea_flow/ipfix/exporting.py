@@ -1,0 +1,457 @@
+"""The IPFIX exporting process: records to one collector over TCP, UDP or TLS.
+
+Records are encoded when added and wait in a bounded queue; a sender task connects (with
+exponential backoff), announces the templates on every new transport session (and every
+`template_refresh_interval` over UDP), and packs as many queued records per message as the
+maximum message size allows. A record leaves the queue only once its whole message is in
+the kernel's socket buffer, so a collector outage costs nothing within the queue bound and
+nothing is sent twice. Overflow drops the oldest records and counts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..logutil import LogOnce
+from .address import TransportAddress
+from .messages import DEFAULT_UDP_MESSAGE_SIZE, MAX_MESSAGE_SIZE, MessagePacker, template_messages
+from .templates import Template
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUE_RECORDS = 65536
+DEFAULT_TEMPLATE_REFRESH = 600.0
+# How long a TLS 1.3 client waits for the collector to accept its certificate before
+# sending records anyway (see _Connection._wait_accepted).
+_TLS_ACCEPT_WAIT = 1.0
+
+
+@dataclass(slots=True)
+class ExporterStats:
+    records_sent: int = 0
+    messages_sent: int = 0
+    connections: int = 0  # successful (re)connections
+    connect_failures: int = 0
+    send_errors: int = 0
+    records_dropped: Counter[str] = field(default_factory=Counter)  # by reason
+    connected: bool = False
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return "timed out"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error: {exc.reason or exc}"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host ({exc.strerror})"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is the collector listening on this port and protocol?)"
+    return str(exc) or type(exc).__name__
+
+
+class _Connection:
+    """One transport session on a non-blocking socket driven by the event loop.
+
+    `send` returns once every byte of a message is in the kernel's socket buffer (TLS runs
+    through an SSLObject over memory BIOs for that reason: asyncio's SSL transport keeps
+    its own buffers), so the caller knows exactly which records have left. A reader task
+    notices when the collector closes or refuses the session.
+    """
+
+    def __init__(self, address: TransportAddress, wakeup: Callable[[], None]):
+        self.address = address
+        self.closed_reason: str | None = None
+        self._wakeup = wakeup
+        self._sock: socket.socket | None = None
+        self._tls: ssl.SSLObject | None = None
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._reader: asyncio.Task | None = None
+        self._received = asyncio.Event()
+
+    async def open(
+        self, ssl_context: ssl.SSLContext | None, server_hostname: str | None, timeout: float
+    ) -> None:
+        await asyncio.wait_for(self._open(ssl_context, server_hostname), timeout)
+
+    async def _open(self, ssl_context: ssl.SSLContext | None, server_hostname: str | None) -> None:
+        loop = asyncio.get_running_loop()
+        udp = self.address.protocol == "udp"
+        kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
+        infos = await loop.getaddrinfo(self.address.host, self.address.port, type=kind)
+        error: OSError | None = None
+        for family, _, proto, _, sockaddr in infos:
+            sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, sockaddr)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            self._sock = sock
+            break
+        if self._sock is None:
+            raise error or OSError(f"no address for {self.address.host}")
+        if udp:
+            return
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.address.protocol == "tls":
+            assert ssl_context is not None
+            self._tls = ssl_context.wrap_bio(
+                self._incoming, self._outgoing, server_hostname=server_hostname or self.address.host
+            )
+            await self._handshake()
+        self._reader = asyncio.create_task(self._read())
+        if self._tls is not None and self._tls.version() == "TLSv1.3":
+            await self._wait_accepted()
+
+    async def _handshake(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._tls is not None and self._sock is not None
+        while True:
+            try:
+                self._tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._flush_tls()
+                data = await loop.sock_recv(self._sock, 65536)
+                if not data:
+                    raise ConnectionError(
+                        "the collector closed the connection during the TLS handshake"
+                    ) from None
+                self._incoming.write(data)
+        await self._flush_tls()
+
+    async def _flush_tls(self) -> None:
+        data = self._outgoing.read()
+        if data:
+            await asyncio.get_running_loop().sock_sendall(self._sock, data)
+
+    async def _wait_accepted(self) -> None:
+        # In TLS 1.3 the client's handshake completes before the server has checked the
+        # client certificate; a refusal arrives as an alert afterwards. Records written in
+        # between would be lost, so wait until the server has sent a session ticket (which
+        # it does only after accepting us), or refused us, or a short time has passed.
+        assert self._tls is not None
+        deadline = time.monotonic() + _TLS_ACCEPT_WAIT
+        while self.closed_reason is None:
+            session = self._tls.session
+            if session is not None and session.has_ticket:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._received.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._received.wait(), remaining)
+        raise ConnectionError(self.closed_reason)
+
+    async def _read(self) -> None:
+        # Collectors never send records back: reading only tells us when they close the
+        # session or refuse us, and lets TLS process its post-handshake messages.
+        loop = asyncio.get_running_loop()
+        assert self._sock is not None
+        try:
+            while True:
+                data = await loop.sock_recv(self._sock, 65536)
+                if not data:
+                    self.closed_reason = "the collector closed the connection"
+                    break
+                if self._tls is not None:
+                    self._incoming.write(data)
+                    try:
+                        while self._tls.read(65536):
+                            pass
+                    except ssl.SSLWantReadError:
+                        pass
+                    except ssl.SSLZeroReturnError:
+                        self.closed_reason = "the collector closed the TLS session"
+                        break
+                self._received.set()
+        except (OSError, ssl.SSLError) as exc:
+            self.closed_reason = f"the collector ended the session: {_describe(exc)}"
+        self._received.set()
+        self._wakeup()
+
+    async def send(self, message: bytes) -> None:
+        if self.closed_reason is not None:
+            raise ConnectionError(self.closed_reason)
+        assert self._sock is not None
+        if self._tls is None:
+            # UDP: a connected socket reports an earlier datagram's ICMP "port unreachable"
+            # as ECONNREFUSED on this send, which then did not happen: the records stay.
+            await asyncio.get_running_loop().sock_sendall(self._sock, message)
+            return
+        self._tls.write(message)
+        await self._flush_tls()
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self._sock is None:
+            return
+        if self._tls is not None and self.closed_reason is None:
+            with contextlib.suppress(ssl.SSLError, OSError, asyncio.TimeoutError):
+                self._tls.unwrap()
+            with contextlib.suppress(OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._flush_tls(), 1.0)
+        self._sock.close()
+        self._sock = None
+
+
+class ExportingProcess:
+    """Exports data records of a fixed set of templates to one collector."""
+
+    def __init__(
+        self,
+        address: TransportAddress,
+        templates: Sequence[Template],
+        observation_domain_id: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        max_queue_records: int = DEFAULT_QUEUE_RECORDS,
+        max_message_size: int | None = None,
+        template_refresh_interval: float = DEFAULT_TEMPLATE_REFRESH,
+        connect_timeout: float = 10.0,
+        backoff_initial: float = 1.0,
+        backoff_max: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ):
+        if address.protocol == "tls" and ssl_context is None:
+            raise ValueError("exporting over tls needs an SSL context")
+        if max_message_size is None:
+            max_message_size = (
+                DEFAULT_UDP_MESSAGE_SIZE if address.protocol == "udp" else MAX_MESSAGE_SIZE
+            )
+        self.address = address
+        self.templates = {t.template_id: t for t in templates}
+        self.observation_domain_id = observation_domain_id
+        self.max_message_size = max_message_size
+        self.max_queue_records = max_queue_records
+        self.template_refresh_interval = template_refresh_interval
+        self.stats = ExporterStats()
+        self._ssl_context = ssl_context
+        self._server_hostname = server_hostname
+        self._connect_timeout = connect_timeout
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._clock = clock
+        self._max_record_size = MessagePacker(0, max_message_size).max_record_size
+        self._queue: deque[tuple[int, bytes]] = deque()
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = False
+        self._task: asyncio.Task | None = None
+        self._log_once = LogOnce(log)
+
+    # -- producer side --------------------------------------------------------------------
+
+    def add(self, template_id: int, values: Sequence[Any]) -> bool:
+        """Queue one record given as values in template order; False if it was dropped."""
+        template = self.templates[template_id]
+        try:
+            record = template.encode(values)
+        except (ValueError, TypeError, OverflowError, AttributeError, OSError) as exc:
+            self._drop("encode_error", 1)
+            self._log_once(
+                ("encode", template_id),
+                logging.ERROR,
+                "dropping a record of template %d that cannot be encoded: %s (%s)",
+                template_id,
+                template.explain_encode_error(values),
+                exc,
+            )
+            return False
+        return self._enqueue(template_id, record)
+
+    def add_mapping(self, template_id: int, record: Mapping[str, Any]) -> bool:
+        """Queue one record given as a dict of IE names; absent fields take zero values."""
+        return self.add(template_id, self.templates[template_id].values_from(record))
+
+    def _enqueue(self, template_id: int, record: bytes) -> bool:
+        if len(record) > self._max_record_size:
+            self._drop("too_large", 1)
+            self._log_once(
+                ("too_large", template_id),
+                logging.ERROR,
+                "dropping a %d-byte record: larger than a %d-byte message allows",
+                len(record),
+                self.max_message_size,
+            )
+            return False
+        if len(self._queue) >= self.max_queue_records:
+            # Keep the newest: flow records carry running totals, so a later record
+            # supersedes an earlier one for everything but its delta.
+            self._queue.popleft()
+            self._drop("queue_full", 1)
+            self._log_once(
+                "queue_full",
+                logging.WARNING,
+                "export queue to %s is full (%d records): dropping the oldest",
+                self.address,
+                self.max_queue_records,
+            )
+        self._queue.append((template_id, record))
+        self._idle.clear()
+        self._wakeup.set()
+        return True
+
+    def _drop(self, reason: str, count: int) -> None:
+        self.stats.records_dropped[reason] += count
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"ipfix-exporter {self.address}")
+
+    async def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every queued record has been sent; False on timeout."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self, drain_timeout: float = 5.0) -> None:
+        """Send what is queued (for up to `drain_timeout` seconds), then close."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), drain_timeout)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+            self._task = None
+        if self._queue:
+            self._drop("shutdown", len(self._queue))
+            log.warning(
+                "closing the exporter to %s with %d records unsent", self.address, len(self._queue)
+            )
+            self._queue.clear()
+        self._idle.set()
+
+    # -- sender ---------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = self._backoff_initial
+        while not (self._closing and not self._queue):
+            connection = _Connection(self.address, self._wakeup.set)
+            try:
+                await connection.open(
+                    self._ssl_context, self._server_hostname, self._connect_timeout
+                )
+            except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
+                await connection.close()
+                self.stats.connect_failures += 1
+                self._log_once(
+                    ("connect", _describe(exc)),
+                    logging.WARNING,
+                    "cannot connect to collector %s: %s; retrying with backoff up to %ss",
+                    self.address,
+                    _describe(exc),
+                    self._backoff_max,
+                )
+                if self._closing:
+                    return
+                await self._sleep(backoff)
+                backoff = min(backoff * 2, self._backoff_max)
+                continue
+            backoff = self._backoff_initial
+            self.stats.connections += 1
+            self.stats.connected = True
+            log.info("connected to collector %s", self.address)
+            self._log_once = LogOnce(log)  # a new outage is worth reporting again
+            try:
+                await self._serve(connection)
+            except (OSError, ssl.SSLError, ConnectionError) as exc:
+                self.stats.send_errors += 1
+                log.warning("lost the collector %s: %s; reconnecting", self.address, _describe(exc))
+            finally:
+                self.stats.connected = False
+                await connection.close()
+
+    async def _sleep(self, seconds: float) -> None:
+        self._wakeup.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), seconds)
+
+    async def _serve(self, connection: _Connection) -> None:
+        """Send templates, then queued records, until closing or the session fails."""
+        packer = MessagePacker(self.observation_domain_id, self.max_message_size)
+        udp = self.address.protocol == "udp"
+        loop = asyncio.get_running_loop()
+        await self._send_templates(connection, packer)
+        refresh_at = loop.time() + self.template_refresh_interval
+        while True:
+            if udp and loop.time() >= refresh_at:
+                await self._send_templates(connection, packer)
+                refresh_at = loop.time() + self.template_refresh_interval
+            if not self._queue:
+                self._idle.set()
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                if connection.closed_reason is not None:
+                    raise ConnectionError(connection.closed_reason)
+                timeout = max(0.0, refresh_at - loop.time()) if udp else None
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout)
+                continue
+            template_id, records = self._take_batch(packer.max_record_size)
+            try:
+                message, _ = packer.pack(template_id, records, int(self._clock()))
+                await connection.send(message)
+            except BaseException:
+                # Not (entirely) handed to the kernel: the collector cannot have decoded
+                # this message, so its records go back to the front for the next session.
+                self._queue.extendleft((template_id, r) for r in reversed(records))
+                raise
+            self.stats.records_sent += len(records)
+            self.stats.messages_sent += 1
+
+    def _take_batch(self, budget: int) -> tuple[int, list[bytes]]:
+        """Remove and return the oldest records that share a template and fit one message."""
+        queue = self._queue
+        template_id = queue[0][0]
+        records = []
+        used = 0
+        while queue:
+            tid, record = queue[0]
+            if tid != template_id or used + len(record) > budget:
+                break
+            queue.popleft()
+            records.append(record)
+            used += len(record)
+        return template_id, records
+
+    async def _send_templates(self, connection: _Connection, packer: MessagePacker) -> None:
+        for message in template_messages(
+            list(self.templates.values()),
+            int(self._clock()),
+            packer.sequence_number,
+            self.observation_domain_id,
+            self.max_message_size,
+        ):
+            await connection.send(message)
+            self.stats.messages_sent += 1

@@ -1,0 +1,435 @@
+"""IPFIX messages (RFC 7011): encoding, stream framing and per-session decoding.
+
+Sans-IO: nothing here touches a socket or an event loop, so TCP, UDP and TLS transports all
+reuse it and it is tested with plain bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .elements import REGISTRY, Registry
+from .templates import MIN_TEMPLATE_ID, Field, Template, TemplateError
+
+VERSION = 10
+HEADER = struct.Struct(">HHIII")  # version, length, export time, sequence number, domain id
+SET_HEADER = struct.Struct(">HH")  # set id, length
+TEMPLATE_SET_ID = 2
+OPTIONS_TEMPLATE_SET_ID = 3
+MAX_MESSAGE_SIZE = 0xFFFF
+# Default for UDP: the largest message that fits a 1500-byte MTU behind IPv6 and UDP
+# headers (1500 - 40 - 8), so the same default is safe for both address families.
+DEFAULT_UDP_MESSAGE_SIZE = 1452
+
+_FIELD_SPEC = struct.Struct(">HH")
+_PEN = struct.Struct(">I")
+_TEMPLATE_HEADER = struct.Struct(">HH")
+_OPTIONS_TEMPLATE_HEADER = struct.Struct(">HHH")
+_VERSION_LENGTH = struct.Struct(">HH")
+_SEQUENCE_MODULO = 1 << 32
+
+
+class MessageError(ValueError):
+    """Malformed IPFIX input. `reason` is a short stable label used in metrics."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# -- encoding ---------------------------------------------------------------------------
+
+
+def encode_template_record(template: Template) -> bytes:
+    parts = []
+    if template.is_options:
+        parts.append(
+            _OPTIONS_TEMPLATE_HEADER.pack(
+                template.template_id, len(template.fields), template.scope_field_count
+            )
+        )
+    else:
+        parts.append(_TEMPLATE_HEADER.pack(template.template_id, len(template.fields)))
+    for f in template.fields:
+        ie = f.element
+        if ie.enterprise:
+            parts.append(_FIELD_SPEC.pack(ie.element_id | 0x8000, f.length))
+            parts.append(_PEN.pack(ie.enterprise))
+        else:
+            parts.append(_FIELD_SPEC.pack(ie.element_id, f.length))
+    return b"".join(parts)
+
+
+def encode_set(set_id: int, records: Iterable[bytes]) -> bytes:
+    body = b"".join(records)
+    return SET_HEADER.pack(set_id, SET_HEADER.size + len(body)) + body
+
+
+def encode_message(
+    sets: Sequence[bytes], export_time: int, sequence_number: int, observation_domain_id: int
+) -> bytes:
+    length = HEADER.size + sum(len(s) for s in sets)
+    if length > MAX_MESSAGE_SIZE:
+        raise ValueError(f"IPFIX message of {length} bytes exceeds {MAX_MESSAGE_SIZE}")
+    header = HEADER.pack(
+        VERSION, length, export_time, sequence_number % _SEQUENCE_MODULO, observation_domain_id
+    )
+    return header + b"".join(sets)
+
+
+def template_messages(
+    templates: Sequence[Template],
+    export_time: int,
+    sequence_number: int,
+    observation_domain_id: int,
+    max_message_size: int = MAX_MESSAGE_SIZE,
+) -> list[bytes]:
+    """Messages announcing `templates`, as few as `max_message_size` allows."""
+    messages = []
+    sets: dict[int, list[bytes]] = {}
+    size = HEADER.size
+
+    def flush() -> None:
+        encoded = [encode_set(set_id, records) for set_id, records in sets.items()]
+        messages.append(
+            encode_message(encoded, export_time, sequence_number, observation_domain_id)
+        )
+        sets.clear()
+
+    for template in templates:
+        set_id = OPTIONS_TEMPLATE_SET_ID if template.is_options else TEMPLATE_SET_ID
+        record = encode_template_record(template)
+        cost = len(record) + (0 if set_id in sets else SET_HEADER.size)
+        if sets and size + cost > max_message_size:
+            flush()
+            size = HEADER.size
+            cost = len(record) + SET_HEADER.size
+        if size + cost > max_message_size:
+            raise ValueError(f"template {template.template_id} does not fit one message")
+        sets.setdefault(set_id, []).append(record)
+        size += cost
+    if sets:
+        flush()
+    return messages
+
+
+def withdrawal_message(
+    template_ids: Sequence[int], export_time: int, sequence_number: int, observation_domain_id: int
+) -> bytes:
+    """A template withdrawal (field count 0) for each id; id 2 withdraws all templates."""
+    records = [_TEMPLATE_HEADER.pack(tid, 0) for tid in template_ids]
+    return encode_message(
+        [encode_set(TEMPLATE_SET_ID, records)], export_time, sequence_number, observation_domain_id
+    )
+
+
+class MessagePacker:
+    """Packs encoded data records into as few messages as `max_message_size` allows.
+
+    Tracks the sequence number of one observation domain in one transport session: the
+    number of data records sent before each message.
+    """
+
+    def __init__(self, observation_domain_id: int, max_message_size: int = MAX_MESSAGE_SIZE):
+        if not HEADER.size + SET_HEADER.size < max_message_size <= MAX_MESSAGE_SIZE:
+            raise ValueError(f"max message size {max_message_size} is out of range")
+        self.observation_domain_id = observation_domain_id
+        self.max_message_size = max_message_size
+        self.sequence_number = 0
+
+    @property
+    def max_record_size(self) -> int:
+        return self.max_message_size - HEADER.size - SET_HEADER.size
+
+    def pack(
+        self, template_id: int, records: Sequence[bytes], export_time: int
+    ) -> tuple[bytes, int]:
+        """One message holding as many of `records` as fit, and how many it holds.
+
+        Records must each fit `max_record_size`; the caller drops (and counts) the ones
+        that do not.
+        """
+        budget = self.max_record_size
+        used = 0
+        count = 0
+        for record in records:
+            size = len(record)
+            if used + size > budget:
+                break
+            used += size
+            count += 1
+        if count == 0:
+            raise ValueError(f"record of {len(records[0])} bytes exceeds {budget}")
+        body = b"".join(records[:count]) if count < len(records) else b"".join(records)
+        length = HEADER.size + SET_HEADER.size + used
+        message = (
+            HEADER.pack(
+                VERSION, length, export_time, self.sequence_number, self.observation_domain_id
+            )
+            + SET_HEADER.pack(template_id, SET_HEADER.size + used)
+            + body
+        )
+        self.sequence_number = (self.sequence_number + count) % _SEQUENCE_MODULO
+        return message, count
+
+
+# -- decoding ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class DataSet:
+    """The records of one data set, decoded with `template`."""
+
+    template: Template
+    records: list[dict[str, Any]]
+
+
+@dataclass(slots=True)
+class Message:
+    export_time: int
+    sequence_number: int
+    observation_domain_id: int
+    data_sets: list[DataSet] = field(default_factory=list)
+    templates: list[Template] = field(default_factory=list)  # announced in this message
+    withdrawn: list[int] = field(default_factory=list)
+
+    @property
+    def record_count(self) -> int:
+        return sum(len(ds.records) for ds in self.data_sets)
+
+
+def check_header(data: bytes) -> int:
+    """The message length announced by a header, or MessageError if it cannot be IPFIX."""
+    version, length = _VERSION_LENGTH.unpack_from(data, 0)
+    if version != VERSION:
+        hint = ""
+        if data[:2] == b"\x16\x03":
+            hint = " (this is a TLS handshake: the exporter uses TLS, this collector does not)"
+        elif version in (5, 9):
+            hint = f" (NetFlow v{version}, not IPFIX)"
+        raise MessageError("bad_version", f"version {version:#06x}, expected 10{hint}")
+    if length < HEADER.size:
+        raise MessageError("bad_length", f"message length {length} is shorter than its header")
+    return length
+
+
+class StreamFramer:
+    """Splits a TCP/TLS byte stream into whole IPFIX messages."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self._buffer
+        buf += data
+        messages = []
+        start = 0
+        end = len(buf)
+        while end - start >= 4:
+            length = check_header(buf[start : start + 4])
+            if end - start < length:
+                break
+            messages.append(bytes(buf[start : start + length]))
+            start += length
+        if start:
+            del buf[:start]
+        return messages
+
+    @property
+    def pending_bytes(self) -> int:
+        return len(self._buffer)
+
+
+@dataclass(slots=True)
+class _DomainState:
+    templates: dict[int, Template] = field(default_factory=dict)
+    template_expiry: dict[int, float] = field(default_factory=dict)
+    next_sequence: int | None = None
+
+
+class SessionDecoder:
+    """Template state of one transport session, and decoding of its messages.
+
+    Templates are kept per observation domain. `template_timeout` (UDP) makes templates
+    expire unless refreshed; None (TCP, TLS) keeps them for the life of the session.
+    `lost_records` counts data records missing according to sequence numbers.
+    """
+
+    def __init__(self, template_timeout: float | None = None, registry: Registry = REGISTRY):
+        self.template_timeout = template_timeout
+        self.registry = registry
+        self.lost_records = 0
+        self._domains: dict[int, _DomainState] = {}
+
+    def template_count(self) -> int:
+        return sum(len(d.templates) for d in self._domains.values())
+
+    def templates(self, observation_domain_id: int) -> dict[int, Template]:
+        state = self._domains.get(observation_domain_id)
+        return dict(state.templates) if state else {}
+
+    def expire_templates(self, now: float) -> int:
+        """Drop templates not refreshed within `template_timeout`; how many were dropped."""
+        dropped = 0
+        for state in self._domains.values():
+            for tid, deadline in list(state.template_expiry.items()):
+                if deadline <= now:
+                    del state.template_expiry[tid]
+                    del state.templates[tid]
+                    dropped += 1
+        return dropped
+
+    def decode(self, data: bytes, now: float = 0.0) -> Message:
+        """Decode one whole message. On MessageError no state has changed."""
+        if len(data) < HEADER.size:
+            raise MessageError("truncated", f"{len(data)} bytes is shorter than a header")
+        check_header(data)
+        _, length, export_time, sequence, domain = HEADER.unpack_from(data, 0)
+        if length != len(data):
+            raise MessageError("bad_length", f"header says {length} bytes, got {len(data)}")
+        state = self._domains.get(domain)
+        known = state.templates if state else {}
+        # Template changes are staged and applied only if the whole message is valid.
+        staged: dict[int, Template | None] = {}
+        message = Message(export_time, sequence, domain)
+        offset = HEADER.size
+        while offset < length:
+            if length - offset < SET_HEADER.size:
+                raise MessageError("truncated", f"{length - offset} stray bytes after the last set")
+            set_id, set_length = SET_HEADER.unpack_from(data, offset)
+            if set_length < SET_HEADER.size or offset + set_length > length:
+                raise MessageError(
+                    "bad_set_length", f"set {set_id} length {set_length} at offset {offset}"
+                )
+            body_start, set_end = offset + SET_HEADER.size, offset + set_length
+            if set_id in (TEMPLATE_SET_ID, OPTIONS_TEMPLATE_SET_ID):
+                self._read_templates(data, body_start, set_end, set_id, staged, message)
+            elif set_id >= MIN_TEMPLATE_ID:
+                template = staged.get(set_id) if set_id in staged else known.get(set_id)
+                if template is None:
+                    raise MessageError(
+                        "unknown_template",
+                        f"data set for template {set_id} of domain {domain}, not announced",
+                    )
+                message.data_sets.append(
+                    DataSet(template, _read_records(data, body_start, set_end, template))
+                )
+            else:
+                raise MessageError("bad_set_id", f"reserved set id {set_id}")
+            offset = set_end
+        self._commit(domain, staged, now)
+        self._track_sequence(domain, sequence, message.record_count)
+        return message
+
+    def _read_templates(
+        self,
+        data: bytes,
+        offset: int,
+        end: int,
+        set_id: int,
+        staged: dict[int, Template | None],
+        message: Message,
+    ) -> None:
+        options = set_id == OPTIONS_TEMPLATE_SET_ID
+        header = _OPTIONS_TEMPLATE_HEADER if options else _TEMPLATE_HEADER
+        # Fewer bytes than a template record header are padding (RFC 7011 3.3.1).
+        while end - offset >= _TEMPLATE_HEADER.size:
+            template_id, field_count = _TEMPLATE_HEADER.unpack_from(data, offset)
+            if field_count == 0:
+                offset += _TEMPLATE_HEADER.size
+                if template_id == set_id:  # withdraws all (options) templates of the domain
+                    self._withdraw_all(message.observation_domain_id, options, staged)
+                    message.withdrawn.append(template_id)
+                elif template_id >= MIN_TEMPLATE_ID:
+                    staged[template_id] = None
+                    message.withdrawn.append(template_id)
+                elif template_id == 0 and not any(data[offset - 4 : end]):
+                    break  # zero padding that happens to be 4 bytes or more
+                else:
+                    raise MessageError("bad_template", f"withdrawal of reserved id {template_id}")
+                continue
+            scope_count = 0
+            if options:
+                if end - offset < header.size:
+                    raise MessageError("truncated", "options template header")
+                template_id, field_count, scope_count = header.unpack_from(data, offset)
+                if scope_count == 0:
+                    raise MessageError(
+                        "bad_template", f"options template {template_id} has no scope"
+                    )
+            offset += header.size
+            fields = []
+            for _ in range(field_count):
+                if end - offset < 4:
+                    raise MessageError("truncated", f"template {template_id} field list")
+                element_id, field_length = _FIELD_SPEC.unpack_from(data, offset)
+                offset += 4
+                enterprise = 0
+                if element_id & 0x8000:
+                    if end - offset < 4:
+                        raise MessageError("truncated", f"template {template_id} enterprise number")
+                    (enterprise,) = _PEN.unpack_from(data, offset)
+                    offset += 4
+                    element_id &= 0x7FFF
+                fields.append(Field(self.registry.by_id(enterprise, element_id), field_length))
+            try:
+                template = Template(template_id, fields, scope_count)
+            except TemplateError as exc:
+                raise MessageError("bad_template", str(exc)) from None
+            staged[template_id] = template
+            message.templates.append(template)
+
+    def _withdraw_all(self, domain: int, options: bool, staged: dict[int, Template | None]) -> None:
+        state = self._domains.get(domain)
+        current = dict(state.templates) if state else {}
+        current.update(staged)
+        for tid, template in current.items():
+            if template is not None and template.is_options == options:
+                staged[tid] = None
+
+    def _commit(self, domain: int, staged: dict[int, Template | None], now: float) -> None:
+        if not staged:
+            return
+        state = self._domains.setdefault(domain, _DomainState())
+        for tid, template in staged.items():
+            if template is None:
+                state.templates.pop(tid, None)
+                state.template_expiry.pop(tid, None)
+            else:
+                state.templates[tid] = template
+                if self.template_timeout is not None:
+                    state.template_expiry[tid] = now + self.template_timeout
+
+    def _track_sequence(self, domain: int, sequence: int, records: int) -> None:
+        state = self._domains.get(domain)
+        if state is None:
+            if not records:
+                return
+            state = self._domains.setdefault(domain, _DomainState())
+        expected = state.next_sequence
+        if expected is not None and sequence != expected:
+            missing = (sequence - expected) % _SEQUENCE_MODULO
+            if missing < _SEQUENCE_MODULO // 2:  # otherwise reordered or restarted, not lost
+                self.lost_records += missing
+        state.next_sequence = (sequence + records) % _SEQUENCE_MODULO
+
+
+def _read_records(data: bytes, offset: int, end: int, template: Template) -> list[dict[str, Any]]:
+    decode = template.decode
+    min_length = template.min_record_length
+    records = []
+    try:
+        while end - offset >= min_length:
+            record, offset = decode(data, offset)
+            records.append(record)
+    except (IndexError, struct.error):
+        offset = end + 1
+    if offset > end:
+        raise MessageError(
+            "truncated_record", f"record of template {template.template_id} overruns its set"
+        )
+    return records
