@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 from typing import TextIO
 
@@ -29,7 +30,14 @@ def build_collector(args, out: TextIO) -> CollectingProcess:
         missing = [f"--{n}" for n in ("ca", "cert", "key") if not getattr(args, n)]
         if missing:
             raise UsageError(f"--address {args.address} uses tls and needs {', '.join(missing)}")
-        ssl_context = server_context(args.cert, args.key, args.ca)
+        try:
+            ssl_context = server_context(args.cert, args.key, args.ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(
+                f"cannot load TLS files (--ca {args.ca}, --cert {args.cert}, --key {args.key}): "
+                f"{getattr(exc, 'strerror', None) or exc}"
+                + (f": {exc.filename}" if getattr(exc, "filename", None) else "")
+            ) from None
     render = json_line if args.output == "json" else text_line
 
     def handle(peer: Peer, message: Message) -> None:

@@ -76,6 +76,8 @@ def parse_address(
             raise fail("expected ':' after ']'")
         parts = rest[1:].split(":") if rest else []
     else:
+        if rest.count(":") > 2 or (":" in rest and is_ip(rest)):
+            raise fail("IPv6 addresses go in brackets, e.g. [fd00::1]:4739")
         host, *parts = rest.split(":")
         if len(parts) > 2:
             raise fail("too many ':' (IPv6 addresses go in brackets)")
@@ -88,7 +90,7 @@ def parse_address(
     port_text = parts[0] if parts else ""
     protocol = parts[1].lower() if len(parts) > 1 else default_protocol
     if port_text:
-        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
             raise fail(f"port {port_text!r} is not a number in 0..65535")
         port = int(port_text)
         if port == 0 and not listen:
@@ -102,12 +104,18 @@ def parse_address(
     return TransportAddress(host, port, protocol)
 
 
-def _valid_host(host: str) -> bool:
+def is_ip(text: str) -> bool:
+    """True for an IPv4 or IPv6 literal (without brackets)."""
     try:
-        ipaddress.IPv4Address(host)
-        return True
+        ipaddress.ip_address(text)
     except ValueError:
-        pass
+        return False
+    return True
+
+
+def _valid_host(host: str) -> bool:
+    if is_ip(host):
+        return ":" not in host  # an IPv6 literal needs brackets here
     if host.replace(".", "").isdigit():
         return False  # looks like a broken IPv4 literal, not a name
     return bool(_HOSTNAME.match(host))

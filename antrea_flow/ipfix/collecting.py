@@ -61,7 +61,7 @@ def _tls_refusal(exc: BaseException) -> tuple[str, str]:
     """(metric label, human explanation) for a failed server-side TLS handshake."""
     reason = getattr(exc, "reason", None) or type(exc).__name__
     text = str(reason).upper()
-    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+    if isinstance(exc, TimeoutError):
         return "handshake_timeout", "no TLS handshake within the timeout"
     if "WRONG_VERSION_NUMBER" in text or "HTTP_REQUEST" in text or "RECORD_LAYER" in text:
         return "not_tls", (
@@ -69,13 +69,23 @@ def _tls_refusal(exc: BaseException) -> tuple[str, str]:
         )
     if "CERTIFICATE_REQUIRED" in text or "PEER_DID_NOT_RETURN" in text:
         return "no_client_certificate", "the peer presented no client certificate"
-    if "CERTIFICATE_VERIFY_FAILED" in text or "UNKNOWN_CA" in text or "BAD_CERTIFICATE" in text:
+    if "CERTIFICATE_VERIFY_FAILED" in text:
         return "untrusted_certificate", "the client certificate is not signed by our CA"
+    if "ALERT_UNKNOWN_CA" in text or "ALERT_BAD_CERTIFICATE" in text:
+        return "peer_rejected_us", (
+            "the peer does not trust this collector's certificate (check its CA and the "
+            "server name it expects)"
+        )
     return "tls_error", f"TLS handshake failed: {reason}"
 
 
 class _StreamSession(asyncio.Protocol):
-    """One TCP or TLS connection from an exporter."""
+    """One TCP or TLS connection from an exporter.
+
+    TLS runs through an SSLObject over memory BIOs in this protocol rather than asyncio's
+    SSL transport: no per-session read buffer of asyncio's size (which adds up with
+    thousands of agents), and every handshake failure is ours to count and explain.
+    """
 
     def __init__(self, collector: CollectingProcess):
         self.collector = collector
@@ -84,6 +94,10 @@ class _StreamSession(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer: Peer | None = None
         self._open = False
+        self._tls: ssl.SSLObject | None = None
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._handshake_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -91,71 +105,100 @@ class _StreamSession(asyncio.Protocol):
         host, port = transport.get_extra_info("peername")[:2]
         collector = self.collector
         self.peer = Peer(host, port, collector.address.protocol, next(collector._session_ids))
+        collector._streams.add(self)
         if collector.ssl_context is None:
             self._opened()
             return
-        # Upgrade to TLS ourselves (rather than letting the server do it) so that a
-        # refused peer is ours to count and explain.
-        transport.pause_reading()
-        task = asyncio.create_task(self._start_tls(transport))
-        collector._tasks.add(task)
-        task.add_done_callback(collector._tasks.discard)
-
-    async def _start_tls(self, transport: asyncio.Transport) -> None:
-        collector = self.collector
-        loop = asyncio.get_running_loop()
-        try:
-            self.transport = await loop.start_tls(
-                transport,
-                self,
-                collector.ssl_context,
-                server_side=True,
-                ssl_handshake_timeout=collector.tls_handshake_timeout,
-            )
-        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
-            label, why = _tls_refusal(exc)
-            collector.stats.refused[label] += 1
-            assert self.peer is not None
-            collector._log_once(
-                (self.peer.address, label),
-                logging.WARNING,
-                "refused %s:%d: %s",
-                self.peer.address,
-                self.peer.port,
-                why,
-            )
-            transport.abort()
-            return
-        self._opened()
+        self._tls = collector.ssl_context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            collector.tls_handshake_timeout, self._refuse, TimeoutError()
+        )
 
     def _opened(self) -> None:
         self._open = True
         stats = self.collector.stats
         stats.sessions_open += 1
         stats.sessions_total += 1
-        self.collector._streams.add(self)
         log.info(
             "exporter %s:%d connected (%s)", self.peer.address, self.peer.port, self.peer.protocol
         )
 
+    def _refuse(self, exc: BaseException) -> None:
+        collector = self.collector
+        label, why = _tls_refusal(exc)
+        collector.stats.refused[label] += 1
+        collector._log_once(
+            (self.peer.address, label),
+            logging.WARNING,
+            "refused %s:%d: %s",
+            self.peer.address,
+            self.peer.port,
+            why,
+        )
+        self._flush()  # the alert tells the peer why
+        self.transport.close()
+
+    def _flush(self) -> None:
+        data = self._outgoing.read()
+        if data and not self.transport.is_closing():
+            self.transport.write(data)
+
     def data_received(self, data: bytes) -> None:
+        if self._tls is None:
+            self._frames(data)
+            return
+        self._incoming.write(data)
+        if not self._open:
+            try:
+                self._tls.do_handshake()
+            except ssl.SSLWantReadError:
+                self._flush()
+                return
+            except ssl.SSLError as exc:
+                if self._handshake_timer is not None:
+                    self._handshake_timer.cancel()
+                self._refuse(exc)
+                return
+            self._handshake_timer.cancel()
+            self._opened()
+        chunks = []
+        closed = False
+        try:
+            while chunk := self._tls.read(65536):
+                chunks.append(chunk)
+            closed = True  # an empty read is the exporter's close_notify
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLError as exc:
+            self.collector._malformed(self.peer, MessageError("tls_error", str(exc)), "closing")
+            closed = True
+        self._flush()
+        if chunks:
+            self._frames(b"".join(chunks))
+        if closed and not self.transport.is_closing():
+            self.transport.close()
+
+    def _frames(self, data: bytes) -> None:
         collector = self.collector
         try:
             for raw in self.framer.feed(data):
                 collector._deliver(self.peer, self.decoder.decode(raw, collector.clock()))
+            # Bytes after the good messages of this chunk may already be known to be bad.
+            self.framer.feed(b"")
         except MessageError as exc:
             collector._malformed(self.peer, exc, "closing the session")
-            assert self.transport is not None
             self.transport.abort()
         collector.stats.lost_records += self.decoder.lost_records
         self.decoder.lost_records = 0
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.collector._streams.discard(self)
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
         if not self._open:
             return
         self._open = False
         self.collector.stats.sessions_open -= 1
-        self.collector._streams.discard(self)
         if self.framer.pending_bytes:
             log.info(
                 "exporter %s:%d left with %d bytes of an incomplete message",
@@ -177,6 +220,11 @@ class _DatagramEndpoint(asyncio.DatagramProtocol):
         self.collector = collector
         self.sessions: dict[tuple[str, int], tuple[Peer, SessionDecoder]] = {}
         self.last_seen: dict[tuple[str, int], float] = {}
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         collector = self.collector
@@ -240,7 +288,6 @@ class CollectingProcess:
         self._udp: _DatagramEndpoint | None = None
         self._expiry_task: asyncio.Task | None = None
         self._streams: set[_StreamSession] = set()
-        self._tasks: set[asyncio.Task] = set()
         self._session_ids = itertools.count(1)
         self._log_once = LogOnce(log)
 
@@ -271,13 +318,12 @@ class CollectingProcess:
                     session.transport.close()
             await self._server.wait_closed()
             self._server = None
-        for task in list(self._tasks):
-            task.cancel()
         if self._expiry_task is not None:
             self._expiry_task.cancel()
             self._expiry_task = None
         if self._udp_transport is not None:
             self._udp_transport.close()
+            await self._udp.closed  # the port is free again when stop() returns
             self._udp_transport = None
 
     async def _expire_udp(self) -> None:

@@ -23,7 +23,14 @@ from typing import Any
 
 from ..logutil import LogOnce
 from .address import TransportAddress
-from .messages import DEFAULT_UDP_MESSAGE_SIZE, MAX_MESSAGE_SIZE, MessagePacker, template_messages
+from .messages import (
+    DEFAULT_UDP_MESSAGE_SIZE,
+    HEADER,
+    MAX_MESSAGE_SIZE,
+    SET_HEADER,
+    MessagePacker,
+    template_messages,
+)
 from .templates import Template
 
 log = logging.getLogger(__name__)
@@ -172,6 +179,9 @@ class _Connection:
                     try:
                         while self._tls.read(65536):
                             pass
+                        # An empty read is the collector's close_notify.
+                        self.closed_reason = "the collector closed the TLS session"
+                        break
                     except ssl.SSLWantReadError:
                         pass
                     except ssl.SSLZeroReturnError:
@@ -252,6 +262,7 @@ class ExportingProcess:
         self._max_record_size = MessagePacker(0, max_message_size).max_record_size
         self._queue: deque[tuple[int, bytes]] = deque()
         self._wakeup = asyncio.Event()
+        self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
@@ -335,6 +346,7 @@ class ExportingProcess:
         """Send what is queued (for up to `drain_timeout` seconds), then close."""
         self._closing = True
         self._wakeup.set()
+        self._stopping.set()
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), drain_timeout)
@@ -372,29 +384,40 @@ class ExportingProcess:
                     _describe(exc),
                     self._backoff_max,
                 )
-                if self._closing:
-                    return
-                await self._sleep(backoff)
-                backoff = min(backoff * 2, self._backoff_max)
-                continue
-            backoff = self._backoff_initial
-            self.stats.connections += 1
-            self.stats.connected = True
-            log.info("connected to collector %s", self.address)
-            self._log_once = LogOnce(log)  # a new outage is worth reporting again
-            try:
-                await self._serve(connection)
-            except (OSError, ssl.SSLError, ConnectionError) as exc:
-                self.stats.send_errors += 1
-                log.warning("lost the collector %s: %s; reconnecting", self.address, _describe(exc))
-            finally:
-                self.stats.connected = False
-                await connection.close()
+            else:
+                self.stats.connections += 1
+                self.stats.connected = True
+                self._log_once("connected", logging.INFO, "connected to collector %s", self.address)
+                sent_before = self.stats.records_sent
+                try:
+                    await self._serve(connection)
+                except (OSError, ssl.SSLError, ConnectionError) as exc:
+                    self.stats.send_errors += 1
+                    self._log_once(
+                        ("lost", _describe(exc)),
+                        logging.WARNING,
+                        "lost the collector %s: %s; reconnecting",
+                        self.address,
+                        _describe(exc),
+                    )
+                finally:
+                    self.stats.connected = False
+                    await connection.close()
+                if self.stats.records_sent > sent_before:
+                    # The session carried records: reconnect at once, and report the next
+                    # outage afresh. A collector that accepts and drops us gets the backoff.
+                    backoff = self._backoff_initial
+                    self._log_once = LogOnce(log)
+                    continue
+            if self._closing:
+                return
+            await self._sleep(backoff)
+            backoff = min(backoff * 2, self._backoff_max)
 
     async def _sleep(self, seconds: float) -> None:
-        self._wakeup.clear()
+        # Only stop() cuts a backoff short: new records must not turn it into a busy loop.
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._wakeup.wait(), seconds)
+            await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _serve(self, connection: _Connection) -> None:
         """Send templates, then queued records, until closing or the session fails."""
@@ -418,32 +441,41 @@ class ExportingProcess:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), timeout)
                 continue
-            template_id, records = self._take_batch(packer.max_record_size)
+            batch = self._take_batch(packer.max_message_size)
             try:
-                message, _ = packer.pack(template_id, records, int(self._clock()))
+                message = packer.pack_sets(batch, int(self._clock()))
                 await connection.send(message)
             except BaseException:
                 # Not (entirely) handed to the kernel: the collector cannot have decoded
                 # this message, so its records go back to the front for the next session.
-                self._queue.extendleft((template_id, r) for r in reversed(records))
+                self._queue.extendleft(
+                    (tid, r) for tid, records in reversed(batch) for r in reversed(records)
+                )
                 raise
-            self.stats.records_sent += len(records)
+            self.stats.records_sent += sum(len(records) for _, records in batch)
             self.stats.messages_sent += 1
 
-    def _take_batch(self, budget: int) -> tuple[int, list[bytes]]:
-        """Remove and return the oldest records that share a template and fit one message."""
+    def _take_batch(self, max_message_size: int) -> list[tuple[int, list[bytes]]]:
+        """Remove and return the oldest records that fit one message, as runs of records
+        of the same template (each run becomes one data set)."""
         queue = self._queue
-        template_id = queue[0][0]
-        records = []
-        used = 0
+        batch: list[tuple[int, list[bytes]]] = []
+        used = HEADER.size
+        current = -1
+        records: list[bytes] = []
         while queue:
             tid, record = queue[0]
-            if tid != template_id or used + len(record) > budget:
+            cost = len(record) + (SET_HEADER.size if tid != current else 0)
+            if used + cost > max_message_size:
                 break
             queue.popleft()
+            if tid != current:
+                records = []
+                batch.append((tid, records))
+                current = tid
             records.append(record)
-            used += len(record)
-        return template_id, records
+            used += cost
+        return batch
 
     async def _send_templates(self, connection: _Connection, packer: MessagePacker) -> None:
         for message in template_messages(

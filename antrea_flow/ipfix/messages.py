@@ -157,24 +157,25 @@ class MessagePacker:
         used = 0
         count = 0
         for record in records:
-            size = len(record)
-            if used + size > budget:
+            if used + len(record) > budget:
                 break
-            used += size
+            used += len(record)
             count += 1
         if count == 0:
             raise ValueError(f"record of {len(records[0])} bytes exceeds {budget}")
-        body = b"".join(records[:count]) if count < len(records) else b"".join(records)
-        length = HEADER.size + SET_HEADER.size + used
-        message = (
-            HEADER.pack(
-                VERSION, length, export_time, self.sequence_number, self.observation_domain_id
-            )
-            + SET_HEADER.pack(template_id, SET_HEADER.size + used)
-            + body
+        return self.pack_sets([(template_id, records[:count])], export_time), count
+
+    def pack_sets(self, runs: Sequence[tuple[int, Sequence[bytes]]], export_time: int) -> bytes:
+        """One message with a data set per (template id, records) run; they must fit."""
+        sets = [encode_set(template_id, records) for template_id, records in runs]
+        message = encode_message(
+            sets, export_time, self.sequence_number, self.observation_domain_id
         )
+        if len(message) > self.max_message_size:
+            raise ValueError(f"{len(message)}-byte message exceeds {self.max_message_size}")
+        count = sum(len(records) for _, records in runs)
         self.sequence_number = (self.sequence_number + count) % _SEQUENCE_MODULO
-        return message, count
+        return message
 
 
 # -- decoding ---------------------------------------------------------------------------
@@ -230,7 +231,12 @@ class StreamFramer:
         start = 0
         end = len(buf)
         while end - start >= 4:
-            length = check_header(buf[start : start + 4])
+            try:
+                length = check_header(buf[start : start + 4])
+            except MessageError:
+                if messages:
+                    break  # deliver these; the bad bytes stay and raise on the next feed
+                raise
             if end - start < length:
                 break
             messages.append(bytes(buf[start : start + length]))
@@ -411,11 +417,17 @@ class SessionDecoder:
                 return
             state = self._domains.setdefault(domain, _DomainState())
         expected = state.next_sequence
-        if expected is not None and sequence != expected:
-            missing = (sequence - expected) % _SEQUENCE_MODULO
-            if missing < _SEQUENCE_MODULO // 2:  # otherwise reordered or restarted, not lost
-                self.lost_records += missing
-        state.next_sequence = (sequence + records) % _SEQUENCE_MODULO
+        end = (sequence + records) % _SEQUENCE_MODULO
+        if expected is None:
+            state.next_sequence = end
+            return
+        missing = (sequence - expected) % _SEQUENCE_MODULO
+        if missing < _SEQUENCE_MODULO // 2:
+            self.lost_records += missing
+            state.next_sequence = end
+        elif (end - expected) % _SEQUENCE_MODULO < _SEQUENCE_MODULO // 2:
+            # A late message: only ever move the expectation forward.
+            state.next_sequence = end
 
 
 def _read_records(data: bytes, offset: int, end: int, template: Template) -> list[dict[str, Any]]:
@@ -428,7 +440,7 @@ def _read_records(data: bytes, offset: int, end: int, template: Template) -> lis
             records.append(record)
     except (IndexError, struct.error):
         offset = end + 1
-    if offset > end:
+    if offset > end or any(data[offset:end]):
         raise MessageError(
             "truncated_record", f"record of template {template.template_id} overruns its set"
         )

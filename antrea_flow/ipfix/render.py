@@ -26,7 +26,10 @@ def exporter_key(address: str) -> str:
 def message_records(peer: Peer, message: Message) -> list[dict[str, Any]]:
     """Every data record of `message` with the exporter address, observation domain and
     template id added under their IANA names (a record's own fields take precedence)."""
-    address = peer.address.removeprefix("::ffff:")
+    address = peer.address
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        address = str(ip.ipv4_mapped)
     meta_key = exporter_key(address)
     out = []
     for data_set in message.data_sets:
@@ -47,4 +50,11 @@ def json_line(record: dict[str, Any]) -> str:
 
 
 def text_line(record: dict[str, Any]) -> str:
-    return " ".join(f"{key}={json_value(value)}" for key, value in record.items())
+    return " ".join(f"{key}={_text_value(value)}" for key, value in record.items())
+
+
+def _text_value(value: Any) -> Any:
+    value = json_value(value)
+    if isinstance(value, str) and not value.isprintable():
+        return json.dumps(value)  # escapes line breaks and other control characters
+    return value

@@ -85,6 +85,13 @@ def _check_length(raw: bytes, length: int) -> bytes:
     return raw
 
 
+def _fixed_string(text: str, length: int) -> bytes:
+    raw = text.encode()
+    if len(raw) > length:
+        raise ValueError(f"string of {len(raw)} bytes does not fit a {length}-byte field")
+    return raw.ljust(length, b"\0")
+
+
 def _inet6_aton(text: str) -> bytes:
     return socket.inet_pton(socket.AF_INET6, text)
 
@@ -102,6 +109,7 @@ _HELPERS: dict[str, Any] = {
     "ntp_from_ns": _ntp_from_ns,
     "ns_from_ntp": _ns_from_ntp,
     "check_length": _check_length,
+    "fixed_string": _fixed_string,
     "from_bytes": int.from_bytes,
     "LEN1": [bytes((n,)) for n in range(255)],
     "U16": struct.Struct(">H"),
@@ -194,6 +202,8 @@ class _CodeGen:
             return "16s", f"aton6({var})"
         if t == _T.macAddress:
             return "6s", f"mac_to_bytes({var})"
+        if t == _T.string:
+            return f"{n}s", f"fixed_string({var}, {n})"
         return f"{n}s", f"check_length({var}, {n})"
 
     def encoder(self) -> str:
@@ -257,6 +267,8 @@ class _CodeGen:
             return "16s", f"ntoa6({raw})"
         if t == _T.macAddress:
             return "6s", f"{raw}.hex(':')"
+        if t == _T.string:
+            return f"{n}s", f"{raw}.rstrip(b'\\0').decode('utf-8', 'replace')"
         return f"{n}s", raw
 
     def decoder(self) -> str:
