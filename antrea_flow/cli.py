@@ -28,6 +28,18 @@ def _collector(sub) -> None:
     p.add_argument("--output", choices=("json", "text"), default="json")
 
 
+def _agent(sub) -> None:
+    p = sub.add_parser(
+        "agent",
+        help="the node agent: poll conntrack and export flow records",
+        description="Poll a network namespace's conntrack table every flowPollInterval and "
+        "export flow records over IPFIX to the flow aggregator.",
+    )
+    p.add_argument("--config", required=True, help="antrea-agent.conf (YAML)")
+    p.add_argument("--node-name", help="this node's name (default: the host name)")
+    p.add_argument("--netns", help="network namespace (as in `ip netns`) whose conntrack to poll")
+
+
 def _quickstart(sub) -> None:
     p = sub.add_parser(
         "quickstart",
@@ -41,6 +53,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="antrea-flow", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
+    _agent(sub)
     _collector(sub)
     _quickstart(sub)
     return p
@@ -54,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        if args.command == "agent":
+            from .exporter import agent
+
+            return agent.main(args)
         if args.command == "collector":
             from . import collector
 

@@ -1,0 +1,145 @@
+"""Reading YAML config files with errors that name the key, the value and the accepted form."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import yaml
+
+from .durations import ACCEPTED_FORM as DURATION_FORM
+from .durations import format_duration, parse_duration
+from .errors import UsageError
+
+
+class ConfigError(UsageError):
+    pass
+
+
+class ConfigReader:
+    """Typed access to one mapping of a config file; every error names file and key."""
+
+    def __init__(self, source: str, values: Mapping[str, Any], prefix: str = ""):
+        self.source = source
+        self.values = values
+        self.prefix = prefix
+        self.used: set[str] = set()
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> ConfigReader:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"{path}: expected a mapping of config keys, got {type(data).__name__}"
+            )
+        return cls(str(path), data)
+
+    def error(self, key: str, value: Any, problem: str, form: str) -> ConfigError:
+        return ConfigError(
+            f"{self.source}: {self.prefix}{key}: {value!r} {problem}; expected {form}"
+        )
+
+    def _raw(self, key: str) -> tuple[bool, Any]:
+        self.used.add(key)
+        if key in self.values and self.values[key] is not None:
+            return True, self.values[key]
+        return False, None
+
+    def duration(self, key: str, default: float, minimum: float | None = None) -> float:
+        present, value = self._raw(key)
+        if not present:
+            return default
+        try:
+            seconds = parse_duration(value)
+        except ValueError:
+            raise self.error(key, value, "is not a duration", DURATION_FORM) from None
+        if minimum is not None and seconds < minimum:
+            form = f"at least {format_duration(minimum)} ({DURATION_FORM})"
+            raise self.error(key, value, "is too short", form)
+        return seconds
+
+    def integer(self, key: str, default: int, low: int, high: int) -> int:
+        present, value = self._raw(key)
+        if not present:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, value, "is not an integer", f"an integer in {low}..{high}")
+        if not low <= value <= high:
+            raise self.error(key, value, "is out of range", f"an integer in {low}..{high}")
+        return value
+
+    def string(self, key: str, default: str, form: str = "a string") -> str:
+        present, value = self._raw(key)
+        if not present:
+            return default
+        if not isinstance(value, str):
+            raise self.error(key, value, "is not a string", form)
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        present, value = self._raw(key)
+        if not present:
+            return default
+        if not isinstance(value, bool):
+            raise self.error(key, value, "is not a boolean", "true or false")
+        return value
+
+    def choice(self, key: str, default: str, choices: Iterable[str]) -> str:
+        options = tuple(choices)
+        value = self.string(key, default, f"one of {', '.join(options)}")
+        lowered = value.lower()
+        if lowered not in options:
+            raise self.error(key, value, "is not allowed", f"one of {', '.join(options)}")
+        return lowered
+
+    def string_list(self, key: str, default: list[str] | None, choices: Iterable[str]):
+        """A list of strings from `choices`; None (absent or null) keeps `default`."""
+        present, value = self._raw(key)
+        if not present:
+            return default
+        options = tuple(choices)
+        form = f"a list of {', '.join(options)}"
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(key, value, "is not a list of strings", form)
+        out = []
+        for item in value:
+            if item.lower() not in options:
+                raise self.error(key, item, "is not allowed", form)
+            out.append(item.lower())
+        return out
+
+    def section(self, key: str) -> ConfigReader | None:
+        present, value = self._raw(key)
+        if not present:
+            return None
+        if not isinstance(value, dict):
+            raise self.error(key, value, "is not a mapping", "a mapping of keys")
+        return ConfigReader(self.source, value, f"{self.prefix}{key}.")
+
+    def reject_unknown(self, ignored: Iterable[str] = ()) -> list[str]:
+        """Raise for keys neither read nor in `ignored`; the ignored keys that are present."""
+        ignore = set(ignored)
+        present_ignored = []
+        for key in self.values:
+            if key in self.used:
+                continue
+            if key in ignore:
+                present_ignored.append(key)
+                continue
+            close = difflib.get_close_matches(str(key), sorted(self.used), n=1)
+            hint = f" (did you mean {self.prefix}{close[0]}?)" if close else ""
+            raise ConfigError(
+                f"{self.source}: unknown config key {self.prefix}{key!s}{hint}; "
+                f"expected one of {', '.join(sorted(self.used))}"
+            )
+        return present_ignored

@@ -1,0 +1,1 @@
+"""The node agent: polls conntrack into a connection store and exports flow records."""

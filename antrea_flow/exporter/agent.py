@@ -1,0 +1,292 @@
+"""The agent loop: poll conntrack every flowPollInterval, export what is due, repeat.
+
+The dump, parse and store update run in a worker thread so the event loop (which sends
+IPFIX) stays responsive; the store is only touched there or after that work is awaited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Histogram
+
+from ..conntrack import netns
+from ..conntrack.netlink import ConntrackDumper
+from ..conntrack.parser import Parser
+from ..errors import UsageError
+from ..ipfix.address import is_ip
+from ..ipfix.antrea import exporter_templates
+from ..ipfix.exporting import ExportingProcess
+from ..k8s.inventory import InventoryFileSource
+from ..k8s.stores import MetadataStore
+from ..metrics import CallbackCollector, counter, gauge, labelled_counter, serve
+from ..tls import client_context
+from .config import AgentConfig, load_agent_config
+from .connections import ConnectionStore
+from .enrich import Enricher
+from .records import flow_record
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SERVER_NAME = "flow-aggregator.flow-aggregator.svc"
+_REASONS = {1: "idle_timeout", 2: "active_timeout", 3: "end_of_flow"}
+
+
+def observation_domain_id(node_name: str) -> int:
+    """FNV-1 32-bit hash of the node name, as Antrea's agent computes it."""
+    value = 0x811C9DC5
+    for byte in node_name.encode():
+        value = (value * 0x01000193) & 0xFFFFFFFF
+        value ^= byte
+    return value
+
+
+def enable_accounting(netns_name: str | None) -> None:
+    """Turn on per-connection counters and timestamps; say clearly when we cannot."""
+    for key in ("net.netfilter.nf_conntrack_acct", "net.netfilter.nf_conntrack_timestamp"):
+        try:
+            if netns.read_sysctl(netns_name, key) != "1":
+                netns.write_sysctl(netns_name, key, "1")
+                log.info("enabled %s", key)
+        except OSError as exc:
+            log.warning(
+                "cannot enable %s (%s): flow records will lack %s",
+                key,
+                exc.strerror or exc,
+                "byte and packet counts" if key.endswith("acct") else "start times",
+            )
+
+
+class Agent:
+    """One node's flow exporter."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        node_name: str,
+        netns_name: str | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        registry: CollectorRegistry | None = None,
+    ):
+        self.config = config
+        self.node_name = node_name
+        self.netns_name = netns_name
+        self.clock = clock
+        self.metadata = MetadataStore()
+        self.inventory = (
+            InventoryFileSource(config.inventory_file, self.metadata)
+            if config.inventory_file
+            else None
+        )
+        self.store = ConnectionStore(
+            Enricher(self.metadata, node_name),
+            config.active_timeout,
+            config.idle_timeout,
+            config.conntrack_zone,
+            config.protocol_filter,
+        )
+        ssl_context = None
+        server_name = None
+        if config.collector.protocol == "tls":
+            ssl_context = client_context(*config.tls_files)
+            host = config.collector.host
+            server_name = DEFAULT_SERVER_NAME if is_ip(host) else host
+        self.exporter = ExportingProcess(
+            config.collector,
+            exporter_templates(),
+            observation_domain_id(node_name),
+            ssl_context=ssl_context,
+            server_hostname=server_name,
+        )
+        self.registry = registry or CollectorRegistry()
+        self.poll_duration = Histogram(
+            "antrea_agent_conntrack_poll_cycle_duration_seconds",
+            "Time of one conntrack poll cycle: dump, parse and connection store update.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=self.registry,
+        )
+        self.registry.register(CallbackCollector(self._metrics))
+        self.polls_failed = 0
+        self._dumper: ConntrackDumper | None = None
+        self._parser = Parser()
+        self._table_count = 0
+        self._table_max = 0
+
+    # -- one cycle -------------------------------------------------------------------------
+
+    def poll(self) -> int:
+        """Dump, parse and apply the table once (blocking); the number of entries."""
+        if self._dumper is None:
+            self._dumper = ConntrackDumper(self.netns_name, self.config.conntrack_zone)
+        started = time.perf_counter()
+        dump = self._parser.parse(self._dumper.dump())
+        self.store.update(dump, self.clock())
+        self.poll_duration.observe(time.perf_counter() - started)
+        try:
+            self._table_count = int(
+                netns.read_sysctl(self.netns_name, "net.netfilter.nf_conntrack_count")
+            )
+            self._table_max = int(
+                netns.read_sysctl(self.netns_name, "net.netfilter.nf_conntrack_max")
+            )
+        except (OSError, ValueError):
+            pass
+        return len(dump)
+
+    def export_due(self) -> int:
+        """Queue the records that are due now; how many."""
+        exports = self.store.expire(self.clock())
+        for export in exports:
+            template_id, record = flow_record(export, self.node_name)
+            self.exporter.add_mapping(template_id, record)
+        return len(exports)
+
+    def refresh_metadata(self) -> None:
+        if self.inventory is not None and self.inventory.refresh():
+            self.store.forget_skipped()
+
+    # -- the loop --------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        enable_accounting(self.netns_name)
+        self.refresh_metadata()
+        self.exporter.start()
+        loop = asyncio.get_running_loop()
+        interval = self.config.poll_interval
+        next_poll = self.clock()
+        try:
+            while not stop.is_set():
+                now = self.clock()
+                if now >= next_poll:
+                    self.refresh_metadata()
+                    try:
+                        await loop.run_in_executor(None, self.poll)
+                    except OSError as exc:
+                        # A failed dump must not look like every connection ended.
+                        self.polls_failed += 1
+                        log.warning("conntrack poll failed: %s; retrying next interval", exc)
+                    next_poll += interval
+                    if next_poll <= self.clock():  # fell behind: skip, do not burst
+                        next_poll = self.clock() + interval
+                self.export_due()
+                wake = next_poll
+                due = self.store.next_expiry()
+                if due is not None:
+                    wake = min(wake, due)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), max(0.0, wake - self.clock()))
+        finally:
+            await self.exporter.stop()
+            if self._dumper is not None:
+                self._dumper.close()
+
+    # -- metrics ---------------------------------------------------------------------------
+
+    def _metrics(self):
+        stats = self.store.stats
+        exporter = self.exporter.stats
+        yield gauge(
+            "antrea_agent_conntrack_total_connection_count",
+            "Connections in the conntrack table of the polled network namespace.",
+            self._table_count,
+        )
+        yield gauge(
+            "antrea_agent_conntrack_antrea_connection_count",
+            "Connections in the agent's connection store.",
+            len(self.store),
+        )
+        yield gauge(
+            "antrea_agent_conntrack_max_connection_count",
+            "Size limit of the conntrack table (nf_conntrack_max).",
+            self._table_max,
+        )
+        yield gauge(
+            "antrea_agent_denied_connection_count",
+            "Connections in the agent's deny store.",
+            0,
+        )
+        yield gauge(
+            "antrea_agent_flow_collector_reconnection_count",
+            "Successful connections to the flow collector since start.",
+            exporter.connections,
+        )
+        yield labelled_counter(
+            "antrea_agent_flow_records_exported_total",
+            "Flow records produced from the connection store, by flowEndReason.",
+            "reason",
+            {_REASONS[k]: v for k, v in stats.exported.items()},
+            always=_REASONS.values(),
+        )
+        yield counter(
+            "antrea_agent_flow_records_sent_total",
+            "Flow records the collector connection has taken (whole messages in the kernel).",
+            exporter.records_sent,
+        )
+        yield labelled_counter(
+            "antrea_agent_flow_records_dropped_total",
+            "Flow records lost before reaching the collector, by reason.",
+            "reason",
+            dict(exporter.records_dropped),
+            always=("queue_full", "encode_error", "too_large", "shutdown"),
+        )
+        yield labelled_counter(
+            "antrea_agent_conntrack_connections_skipped_total",
+            "Conntrack connections not exported, by reason (no local Pod, filtered).",
+            "reason",
+            dict(stats.filtered),
+        )
+        yield gauge(
+            "antrea_agent_flow_export_queue_records",
+            "Records waiting for the collector.",
+            self.exporter.queued,
+        )
+
+
+async def serve_agent(agent: Agent) -> None:
+    """Run until SIGINT/SIGTERM, with the metrics endpoint when configured."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    server = None
+    if agent.config.metrics_address is not None:
+        server, _ = serve(agent.registry, agent.config.metrics_address)
+    try:
+        await agent.run(stop)
+    finally:
+        if server is not None:
+            server.shutdown()
+
+
+def main(args) -> int:
+    config = load_agent_config(args.config)
+    if not config.flow_exporter_enabled:
+        log.info(
+            "the FlowExporter feature gate is off in %s (featureGates: {FlowExporter: true} "
+            "turns it on); nothing to do",
+            args.config,
+        )
+        return 0
+    if args.netns is not None:
+        netns.netns_path(args.netns)  # validates the name
+        if not os.path.exists(netns.netns_path(args.netns)):
+            raise UsageError(f"--netns {args.netns}: no such network namespace (see ip netns)")
+    agent = Agent(config, args.node_name or socket.gethostname(), args.netns)
+    log.info(
+        "flow exporter on node %s: polling conntrack zone %d%s every %ss, exporting to %s",
+        agent.node_name,
+        config.conntrack_zone,
+        f" in netns {args.netns}" if args.netns else "",
+        config.poll_interval,
+        config.collector,
+    )
+    asyncio.run(serve_agent(agent))
+    return 0

@@ -1,0 +1,170 @@
+"""The agent's configuration: the flow exporter keys of `antrea-agent.conf`, plus ours.
+
+The file may be a whole antrea-agent.conf: Antrea's other agent keys are accepted and
+ignored, so the same ConfigMap works; any other key is a mistake and stops start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from ..configfile import ConfigError, ConfigReader
+from ..durations import format_duration
+from ..ipfix.address import AddressError, TransportAddress, parse_address
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COLLECTOR = "flow-aggregator.flow-aggregator.svc:4739:tls"
+ANTREA_POD_ZONE = 65520
+PROTOCOLS = ("tcp", "udp", "sctp")
+
+# Keys of Antrea's antrea-agent.conf that are not about flow export: accepted, not used.
+_ANTREA_AGENT_KEYS = {
+    "clientConnection",
+    "antreaClientConnection",
+    "kubeAPIServerOverride",
+    "dnsServerOverride",
+    "ovsBridge",
+    "ovsDatapathType",
+    "ovsRunDir",
+    "hostGateway",
+    "trafficEncapMode",
+    "noSNAT",
+    "tunnelType",
+    "tunnelPort",
+    "tunnelCsum",
+    "trafficEncryptionMode",
+    "enableBridgingMode",
+    "disableTXChecksumOffload",
+    "defaultMTU",
+    "hostProcPathPrefix",
+    "serviceCIDR",
+    "serviceCIDRv6",
+    "wireGuard",
+    "ipsec",
+    "egress",
+    "nodePortLocal",
+    "apiPort",
+    "clusterPort",
+    "enablePrometheusMetrics",
+    "antreaProxy",
+    "multicast",
+    "multicluster",
+    "nodeIPAM",
+    "externalNode",
+    "secondaryNetwork",
+    "transportInterface",
+    "transportInterfaceCIDRs",
+    "multicastInterfaces",
+    "tlsCipherSuites",
+    "tlsMinVersion",
+    "nodeNetworkPolicy",
+    "packetCapture",
+    "fqdnCacheMinTTL",
+    "auditLogging",
+    "hostNetworkAcceleration",
+    "enableIPSecTunnel",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    flow_exporter_enabled: bool
+    collector: TransportAddress
+    poll_interval: float
+    active_timeout: float
+    idle_timeout: float
+    conntrack_zone: int
+    inventory_file: str
+    tls_cert_dir: str
+    metrics_address: TransportAddress | None
+    protocol_filter: tuple[str, ...] | None  # None: every protocol; (): none
+
+    @property
+    def tls_files(self) -> tuple[str, str, str]:
+        """ca.crt, tls.crt and tls.key in tlsCertDir (Antrea's ConfigMap and Secret keys)."""
+        d = self.tls_cert_dir
+        return (os.path.join(d, "ca.crt"), os.path.join(d, "tls.crt"), os.path.join(d, "tls.key"))
+
+
+def _address(reader: ConfigReader, key: str, default: str, **kwargs) -> TransportAddress:
+    text = reader.string(key, default, "<HOST>:[<PORT>][:<PROTO>]")
+    try:
+        return parse_address(text, **kwargs)
+    except AddressError as exc:
+        raise ConfigError(f"{reader.source}: {reader.prefix}{key}: {exc}") from None
+
+
+def load_agent_config(path: str | os.PathLike) -> AgentConfig:
+    reader = ConfigReader.from_file(path)
+    gates = reader.section("featureGates")
+    enabled = gates.boolean("FlowExporter", False) if gates else False
+    # Newer Antrea versions group the same keys under `flowExporter:` with `enable`.
+    section = reader.section("flowExporter")
+    if section is not None:
+        enabled = section.boolean("enable", enabled)
+        section.reject_unknown()
+    flow = section or reader
+
+    collector = _address(flow, "flowCollectorAddr", DEFAULT_COLLECTOR, default_protocol="tls")
+    poll = flow.duration("flowPollInterval", 5.0, minimum=1.0)
+    active = flow.duration("activeFlowExportTimeout", 60.0, minimum=1e-9)
+    idle = flow.duration("idleFlowExportTimeout", 15.0, minimum=1e-9)
+    # As upstream: a timeout shorter than the poll interval cannot be honoured.
+    if active < poll:
+        log.warning(
+            "activeFlowExportTimeout %s is shorter than flowPollInterval %s; using %s",
+            format_duration(active),
+            format_duration(poll),
+            format_duration(poll),
+        )
+        active = poll
+    if idle < poll:
+        log.warning(
+            "idleFlowExportTimeout %s is shorter than flowPollInterval %s; using %s",
+            format_duration(idle),
+            format_duration(poll),
+            format_duration(poll),
+        )
+        idle = poll
+
+    zone = reader.integer("conntrackZone", ANTREA_POD_ZONE, 0, 65535)
+    inventory = reader.string("inventoryFile", "", "a path to a Kubernetes List YAML file")
+    cert_dir = reader.string("tlsCertDir", "", "a directory holding ca.crt, tls.crt, tls.key")
+    metrics_text = reader.string("metricsBindAddress", ":10351", "[HOST]:PORT or an empty string")
+    metrics = None
+    if metrics_text:
+        try:
+            metrics = parse_address(
+                metrics_text,
+                default_protocol="tcp",
+                protocols=("tcp",),
+                port_required=True,
+                listen=True,
+            )
+        except AddressError as exc:
+            raise ConfigError(f"{reader.source}: metricsBindAddress: {exc}") from None
+    protocols = reader.string_list("protocolFilter", None, PROTOCOLS)
+    ignored = reader.reject_unknown(_ANTREA_AGENT_KEYS)
+    if ignored:
+        log.debug("antrea-agent.conf keys not used by antrea-flow: %s", ", ".join(ignored))
+
+    if enabled and collector.protocol == "tls" and not cert_dir:
+        raise ConfigError(
+            f"{reader.source}: tlsCertDir: '' is required because flowCollectorAddr "
+            f"{collector} uses tls; expected a directory holding ca.crt, tls.crt and tls.key"
+        )
+    return AgentConfig(
+        flow_exporter_enabled=enabled,
+        collector=collector,
+        poll_interval=poll,
+        active_timeout=active,
+        idle_timeout=idle,
+        conntrack_zone=zone,
+        inventory_file=inventory,
+        tls_cert_dir=cert_dir,
+        metrics_address=metrics,
+        protocol_filter=tuple(protocols) if protocols is not None else None,
+    )

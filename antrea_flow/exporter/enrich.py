@@ -1,0 +1,194 @@
+"""Kubernetes context for a new connection: local Pods, Service, NetworkPolicy rules and
+flowType, computed once when the connection is first seen (as upstream does)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..conntrack.parser import Entry
+from ..k8s.stores import MetadataStore, PodInfo, PolicyRule, unpack_ip
+
+FLOW_TYPE_INTRA_NODE = 1
+FLOW_TYPE_INTER_NODE = 2
+FLOW_TYPE_TO_EXTERNAL = 3
+FLOW_TYPE_FROM_EXTERNAL = 4
+# Antrea's conntrack mark bit for connections to a Service (set by its proxy).
+SERVICE_CT_MARK = 1 << 4
+# Connections between the same endpoints share their metadata; remember that many.
+_MEMO_SIZE = 1 << 16
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class FlowMeta:
+    """What a connection's records say about Kubernetes. Shared by the connections that
+    have the same Pods, Service and rules."""
+
+    source_pod: PodInfo | None  # only Pods on this Node
+    destination_pod: PodInfo | None
+    cluster_ip: str  # the Service address the client dialled, "" without a Service
+    service_port: int
+    service_port_name: str  # "namespace/name:port"
+    ingress_rule: PolicyRule | None
+    egress_rule: PolicyRule | None
+    flow_type: int
+
+
+class _Subnets:
+    """Membership of packed addresses in a set of CIDRs: byte-aligned prefixes are looked
+    up in sets, others compared as integers."""
+
+    def __init__(self, networks) -> None:
+        aligned: dict[tuple[int, int], set[bytes]] = {}
+        self._other: list[tuple[int, int, int]] = []
+        for net in networks:
+            size = 4 if net.version == 4 else 16
+            if net.prefixlen % 8 == 0:
+                prefix = net.network_address.packed[: net.prefixlen // 8]
+                aligned.setdefault((size, net.prefixlen // 8), set()).add(prefix)
+            else:
+                self._other.append((size, int(net.network_address), int(net.netmask)))
+        self._aligned = [(size, n, frozenset(p)) for (size, n), p in aligned.items()]
+
+    def __contains__(self, packed: bytes) -> bool:
+        size = len(packed)
+        for family, length, prefixes in self._aligned:
+            if family == size and packed[:length] in prefixes:
+                return True
+        if self._other:
+            value = int.from_bytes(packed, "big")
+            return any(f == size and value & m == n for f, n, m in self._other)
+        return False
+
+
+class Enricher:
+    """Builds FlowMeta for the connections of one Node from the metadata store."""
+
+    def __init__(self, store: MetadataStore, node_name: str):
+        self.store = store
+        self.node_name = node_name
+        self._version = -1
+        self._pod_subnets = _Subnets([])
+        self._gateways: frozenset[bytes] = frozenset()
+        self._local_gateways: frozenset[bytes] = frozenset()
+        self._interned: dict[tuple, FlowMeta] = {}
+        self._memo: dict[tuple, FlowMeta | None] = {}
+
+    def _refresh(self) -> None:
+        # Pod subnets and gateway addresses are derived from the Nodes' pod CIDRs; the
+        # gateway takes the first address of each, as Antrea's antrea-gw0 does.
+        networks, gateways, local = [], set(), set()
+        for node in self.store.nodes.values():
+            for cidr in node.pod_cidrs:
+                networks.append(cidr)
+                gateway = (cidr.network_address + 1).packed
+                gateways.add(gateway)
+                if node.name == self.node_name:
+                    local.add(gateway)
+        self._pod_subnets = _Subnets(networks)
+        self._gateways = frozenset(gateways)
+        self._local_gateways = frozenset(local)
+        self._interned = {}
+        self._memo = {}
+        self._version = self.store.version
+
+    def local_pod(self, ip: bytes) -> PodInfo | None:
+        pod = self.store.pod(ip)
+        return pod if pod is not None and pod.node_name == self.node_name else None
+
+    def __call__(self, entry: Entry) -> FlowMeta | None:
+        """The connection's metadata, or None when it is not a flow of this Node's Pods."""
+        if self._version != self.store.version:
+            self._refresh()
+        # Everything below depends on the endpoints, the Service bit and rule labels, and
+        # on the destination port only when a Service is involved.
+        (proto, orig_src, orig_dst, _, orig_dport, reply_src, _, reply_sport, _, _, _, mark,
+         labels, *_) = entry  # fmt: skip
+        service_bit = mark & SERVICE_CT_MARK
+        service = service_bit or orig_dst != reply_src or orig_dport != reply_sport
+        memo_key = (
+            orig_src,
+            reply_src,
+            orig_dst,
+            orig_dport if service else 0,
+            proto,
+            service_bit,
+            labels,
+        )
+        memo = self._memo
+        if memo_key in memo:
+            return memo[memo_key]
+        if len(memo) >= _MEMO_SIZE:
+            memo.clear()
+        meta = memo[memo_key] = self._enrich(entry, bool(service))
+        return meta
+
+    def _enrich(self, entry: Entry, service: bool) -> FlowMeta | None:
+        source, destination = entry.orig_src, entry.reply_src
+        if destination in self._local_gateways:
+            return None
+        source_pod = self.local_pod(source)
+        destination_pod = self.local_pod(destination)
+        if source_pod is None and destination_pod is None:
+            return None
+        flow_type = self._flow_type(source, destination, source_pod, destination_pod)
+        if flow_type is None:
+            return None
+        cluster_ip, service_port, port_name = "", 0, ""
+        if service:
+            service = self.store.service(entry.orig_dst, entry.orig_dport, entry.proto)
+            if service is not None or entry.mark & SERVICE_CT_MARK:
+                cluster_ip = unpack_ip(entry.orig_dst)
+                service_port = entry.orig_dport
+                port_name = service.port_name_full if service else ""
+        ingress = egress = None
+        labels = entry.labels
+        if len(labels) == 16 and any(labels):
+            # Antrea's layout: the ingress rule id in bytes 12..15, egress in 8..11, big
+            # endian (ct_label bits 0-31 and 32-63 as OVS numbers them).
+            ingress_id = int.from_bytes(labels[12:16], "big")
+            egress_id = int.from_bytes(labels[8:12], "big")
+            ingress = self.store.rule(ingress_id) if ingress_id else None
+            egress = self.store.rule(egress_id) if egress_id else None
+        key = (
+            id(source_pod),
+            id(destination_pod),
+            cluster_ip,
+            service_port,
+            port_name,
+            id(ingress),
+            id(egress),
+            flow_type,
+        )
+        meta = self._interned.get(key)
+        if meta is None:
+            meta = self._interned[key] = FlowMeta(
+                source_pod,
+                destination_pod,
+                cluster_ip,
+                service_port,
+                port_name,
+                ingress,
+                egress,
+                flow_type,
+            )
+        return meta
+
+    def _flow_type(
+        self,
+        source: bytes,
+        destination: bytes,
+        source_pod: PodInfo | None,
+        destination_pod: PodInfo | None,
+    ) -> int | None:
+        """Upstream's rules (destination.go findFlowType); None: not a flow to export."""
+        if destination in self._gateways:
+            return None
+        if source in self._gateways:
+            return FLOW_TYPE_INTER_NODE if destination_pod is not None else None
+        if source not in self._pod_subnets:
+            return FLOW_TYPE_FROM_EXTERNAL if destination in self._pod_subnets else None
+        if destination not in self._pod_subnets:
+            return FLOW_TYPE_TO_EXTERNAL
+        if source_pod is None or destination_pod is None:
+            return FLOW_TYPE_INTER_NODE
+        return FLOW_TYPE_INTRA_NODE

@@ -1,0 +1,1 @@
+"""Kubernetes metadata: stores of Nodes, Pods, Services, NetworkPolicy rules; their sources."""

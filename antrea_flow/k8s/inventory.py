@@ -1,0 +1,84 @@
+"""The static metadata source: a YAML `kind: List` of Kubernetes objects, as the API returns
+them, reloaded whenever the file changes."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import yaml
+
+from .stores import MetadataStore
+
+log = logging.getLogger(__name__)
+
+
+class InventoryError(ValueError):
+    pass
+
+
+def read_inventory(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The objects of a List document (or of several YAML documents of single objects)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            documents = [d for d in yaml.safe_load_all(f) if d is not None]
+    except OSError as exc:
+        raise InventoryError(f"cannot read inventory {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise InventoryError(f"inventory {path} is not valid YAML: {exc}") from None
+    objects = []
+    for document in documents:
+        if not isinstance(document, dict):
+            raise InventoryError(
+                f"inventory {path}: expected Kubernetes objects, got {document!r:.60}"
+            )
+        if document.get("kind") == "List" or document.get("kind", "").endswith("List"):
+            items = document.get("items") or []
+            if not isinstance(items, list):
+                raise InventoryError(f"inventory {path}: items is not a list")
+            objects.extend(i for i in items if isinstance(i, dict))
+        else:
+            objects.append(document)
+    return objects
+
+
+class InventoryFileSource:
+    """Feeds a MetadataStore from a file; `refresh()` reloads it when it has changed."""
+
+    def __init__(self, path: str | os.PathLike, store: MetadataStore):
+        self.path = os.fspath(path)
+        self.store = store
+        self._signature: tuple[int, int, int] | None = None
+
+    def refresh(self) -> bool:
+        """Reload if the file changed since the last load; True when it did. A file that
+        cannot be read or parsed keeps the previous metadata (and is reported)."""
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            if self._signature is None:
+                raise InventoryError(f"cannot read inventory {self.path}: {exc.strerror}") from None
+            return False
+        signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if signature == self._signature:
+            return False
+        try:
+            objects = read_inventory(self.path)
+        except InventoryError:
+            if self._signature is None:
+                raise
+            log.warning("keeping the previous inventory: %s", self.path, exc_info=True)
+            self._signature = signature
+            return False
+        self.store.replace(objects)
+        self._signature = signature
+        log.info(
+            "inventory %s: %d nodes, %d pod IPs, %d service ports, %d policy rules",
+            self.path,
+            len(self.store.nodes),
+            len(self.store.pods_by_ip),
+            len(self.store.services),
+            len(self.store.rules),
+        )
+        return True

@@ -1,0 +1,50 @@
+"""A Prometheus endpoint per process, on its own registry (no global state)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .ipfix.address import TransportAddress
+
+log = logging.getLogger(__name__)
+
+
+class CallbackCollector(Collector):
+    """Builds metric families at scrape time from the components' own counters."""
+
+    def __init__(self, produce: Callable[[], Iterable[Metric]]):
+        self._produce = produce
+
+    def collect(self) -> Iterable[Metric]:
+        return self._produce()
+
+
+def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=value)
+
+
+def labelled_counter(
+    name: str, documentation: str, label: str, values: dict, always: Iterable[str] = ()
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for key in always:
+        values.setdefault(key, 0)
+    for key, value in sorted(values.items(), key=lambda kv: str(kv[0])):
+        family.add_metric([str(key)], value)
+    return family
+
+
+def serve(registry: CollectorRegistry, address: TransportAddress) -> tuple[object, object]:
+    """Start the HTTP endpoint (in a daemon thread); (server, thread) for shutdown."""
+    server, thread = start_http_server(address.port, address.host or "0.0.0.0", registry)
+    log.info("metrics on http://%s/metrics", address.host_port)
+    return server, thread

@@ -1,0 +1,282 @@
+"""Benchmark: one full agent poll cycle (dump, parse, store update) against `conntrack -L`.
+
+Fills a fresh network namespace's conntrack table with N UDP entries in zone 65520, each a
+flow from a local Pod to a Pod-subnet address (so the agent enriches and stores every one,
+as on a busy node), then times in the same run:
+- `conntrack -L -w 65520` (conntrack-tools, C) printing the same table to /dev/null;
+- the raw kernel dump (netlink only, no parsing);
+- the agent's first poll (every connection new) and a steady-state poll (all present);
+- the agent's CPU share over several polls at a 5 s interval.
+The agent runs in a child process so its RSS is its own. Timings are printed, never asserted;
+the last line is a JSON object.
+
+    test/bench/bench_conntrack.py [--entries N] [--cpu-seconds S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+NS_PREFIX = "afxb-"
+CLIENT_IP = "10.10.0.5"
+
+
+def sh(*args: str, input: bytes | None = None) -> None:
+    subprocess.run(args, check=True, input=input, stdout=subprocess.DEVNULL)
+
+
+def ns_sh(ns: str, *args: str, input: bytes | None = None) -> None:
+    sh("ip", "netns", "exec", ns, *args, input=input)
+
+
+def make_namespace(entries: int) -> str:
+    ns = NS_PREFIX + uuid.uuid4().hex[:8]
+    sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", ns, "link", "add", "pods", "type", "bridge")
+        sh("ip", "-n", ns, "addr", "add", f"{CLIENT_IP}/16", "dev", "pods")
+        # No ARP: datagrams leave at once instead of waiting for neighbours that never answer.
+        sh("ip", "-n", ns, "link", "set", "pods", "arp", "off", "up")
+        # Entries are confirmed at POSTROUTING, before the port-less bridge drops the packet.
+        ns_sh(
+            ns,
+            "nft",
+            "-f",
+            "-",
+            input=b"""
+table inet bench {
+  chain zone { type filter hook output priority raw; ct zone set 65520; }
+  chain commit { type filter hook output priority mangle; ct state new ct mark set 0x2; }
+}""",
+        )
+        for key, value in (
+            ("nf_conntrack_acct", "1"),
+            ("nf_conntrack_timestamp", "1"),
+            ("nf_conntrack_udp_timeout", "3600"),
+        ):
+            ns_sh(ns, "sysctl", "-qw", f"net.netfilter.{key}={value}")
+        fill = (
+            "import socket\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            f"s.bind(('{CLIENT_IP}', 40000))\n"
+            f"for i in range({entries}):\n"
+            "    host = 1 + i // 60000\n"
+            "    s.sendto(b'x' * 64, (f'10.10.{host}.{1 + (i // 250) % 250}', 1024 + i % 60000))\n"
+        )
+        ns_sh(ns, sys.executable, "-c", fill)
+    except BaseException:
+        subprocess.run(["ip", "netns", "del", ns])
+        raise
+    return ns
+
+
+def inventory(path: str) -> None:
+    path_text = f"""apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Node
+  metadata: {{name: bench-node}}
+  spec: {{podCIDRs: [10.10.0.0/16]}}
+- apiVersion: v1
+  kind: Pod
+  metadata: {{name: client, namespace: bench}}
+  spec: {{nodeName: bench-node}}
+  status: {{podIPs: [{{ip: {CLIENT_IP}}}]}}
+"""
+    with open(path, "w") as f:
+        f.write(path_text)
+
+
+def best_of(runs: int, fn) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def conntrack_cli(ns: str) -> float:
+    def run():
+        subprocess.run(
+            ["ip", "netns", "exec", ns, "conntrack", "-L", "-w", "65520"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=True,
+        )
+
+    return best_of(3, run)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def agent_role(ns: str, inventory_file: str, cpu_seconds: float) -> None:
+    """Child process: the agent's own poll cycles, CPU share and memory."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+    from antrea_flow.conntrack.netlink import ConntrackDumper
+    from antrea_flow.exporter.agent import Agent
+    from antrea_flow.exporter.config import AgentConfig
+    from antrea_flow.ipfix.address import TransportAddress
+
+    config = AgentConfig(
+        flow_exporter_enabled=True,
+        collector=TransportAddress("127.0.0.1", 9, "tcp"),
+        poll_interval=5.0,
+        active_timeout=60.0,
+        idle_timeout=15.0,
+        conntrack_zone=65520,
+        inventory_file=inventory_file,
+        tls_cert_dir="",
+        metrics_address=None,
+        protocol_filter=None,
+    )
+    agent = Agent(config, "bench-node", ns)
+    agent.refresh_metadata()
+    rss_before = rss_mb()
+
+    dumper = ConntrackDumper(ns, 65520)
+    count = [0]
+
+    def raw_dump():
+        count[0] = dumper.dump().count
+
+    raw = best_of(3, raw_dump)
+    start = time.perf_counter()
+    entries = agent.poll()
+    first = time.perf_counter() - start
+    steady = best_of(3, agent.poll)
+    stored = len(agent.store)
+
+    # CPU share: polls every 5 s (as the default flowPollInterval) for cpu_seconds.
+    cpu_start = time.process_time()
+    wall_start = time.monotonic()
+    polls = 0
+    while time.monotonic() - wall_start < cpu_seconds:
+        agent.poll()
+        polls += 1
+        time.sleep(max(0.0, wall_start + polls * 5.0 - time.monotonic()))
+    wall = time.monotonic() - wall_start
+    cpu = time.process_time() - cpu_start
+    print(
+        json.dumps(
+            {
+                "entries": entries,
+                "stored": stored,
+                "raw_dump_seconds": raw,
+                "agent_first_poll_seconds": first,
+                "agent_steady_poll_seconds": steady,
+                "cpu_share_percent": 100.0 * cpu / wall,
+                "cpu_polls": polls,
+                "rss_mb": rss_mb(),
+                "rss_mb_before_poll": rss_before,
+            }
+        )
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--entries", type=int, default=100_000)
+    parser.add_argument("--cpu-seconds", type=float, default=30.0)
+    parser.add_argument("--role", choices=("main", "agent"), default="main")
+    parser.add_argument("--netns")
+    parser.add_argument("--inventory")
+    args = parser.parse_args()
+    if args.role == "agent":
+        agent_role(args.netns, args.inventory, args.cpu_seconds)
+        return 0
+    if os.geteuid() != 0 or not shutil.which("conntrack"):
+        print("bench_conntrack: needs root and conntrack-tools; skipped")
+        print(json.dumps({"entries": args.entries, "skipped": True}))
+        return 0
+    start = time.perf_counter()
+    ns = make_namespace(args.entries)
+    tmp = tempfile.mkdtemp(prefix="afxb-")
+    try:
+        fill_seconds = time.perf_counter() - start
+        inventory_file = os.path.join(tmp, "inventory.yaml")
+        inventory(inventory_file)
+        cli = conntrack_cli(ns)
+        child = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--role",
+                "agent",
+                "--netns",
+                ns,
+                "--inventory",
+                inventory_file,
+                "--cpu-seconds",
+                str(args.cpu_seconds),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if child.returncode:
+            raise RuntimeError(f"agent role failed:\n{child.stderr}")
+        agent = json.loads(child.stdout.strip().splitlines()[-1])
+        cli_after = conntrack_cli(ns)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns])
+        shutil.rmtree(tmp, ignore_errors=True)
+    cli = min(cli, cli_after)
+    n = agent["entries"]
+    print(
+        f"bench_conntrack: {n} entries in zone 65520 (filled in {fill_seconds:.1f} s), "
+        f"{os.cpu_count()} CPUs, kernel {os.uname().release}"
+    )
+    print(f"  conntrack -L (C, conntrack-tools)   {cli:7.3f} s")
+    print(f"  raw kernel dump (netlink only)      {agent['raw_dump_seconds']:7.3f} s")
+    for label, key in (
+        ("first poll, all new", "agent_first_poll_seconds"),
+        ("steady poll, all present", "agent_steady_poll_seconds"),
+    ):
+        value = agent[key]
+        print(
+            f"  agent {label:<29} {value:7.3f} s  ({value / cli:.2f}x conntrack -L, "
+            f"{value / n * 1e6:.2f} us/entry)"
+        )
+    print(
+        f"  agent CPU share at a 5 s poll       {agent['cpu_share_percent']:6.1f} % of one core "
+        f"({agent['cpu_polls']} polls)"
+    )
+    print(
+        f"  agent RSS with {agent['stored']} connections: {agent['rss_mb']:.0f} MB "
+        f"(before the first poll {agent['rss_mb_before_poll']:.0f} MB)"
+    )
+    print("  goal: a poll cycle no slower than conntrack -L; bar: within 1.5x")
+    print(
+        json.dumps(
+            {
+                "entries": n,
+                "agent_poll_seconds": round(agent["agent_first_poll_seconds"], 4),
+                "agent_steady_poll_seconds": round(agent["agent_steady_poll_seconds"], 4),
+                "conntrack_cli_seconds": round(cli, 4),
+                "raw_dump_seconds": round(agent["raw_dump_seconds"], 4),
+                "cpu_share_percent": round(agent["cpu_share_percent"], 2),
+                "agent_rss_mb": round(agent["rss_mb"], 1),
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""Connection store rules, with explicit times instead of sleeping."""
+
+import socket
+
+import pytest
+
+from antrea_flow.conntrack.parser import IPS_DYING, TCP_STATES, Dump, Entry
+from antrea_flow.exporter.connections import (
+    END_ACTIVE,
+    END_IDLE,
+    END_OF_FLOW,
+    ConnectionStore,
+)
+
+ACTIVE, IDLE = 60.0, 15.0
+ZONE = 65520
+ESTABLISHED = TCP_STATES.index("ESTABLISHED")
+TIME_WAIT = TCP_STATES.index("TIME_WAIT")
+
+
+def ip(text):
+    return socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
+
+
+def entry(
+    pkts=1,
+    octets=100,
+    rpkts=1,
+    roctets=60,
+    *,
+    src="10.10.1.5",
+    dst="10.10.1.6",
+    sport=40000,
+    dport=8080,
+    service=None,
+    proto=6,
+    tcp=ESTABLISHED,
+    status=0,
+    mark=0x2,
+    ct_id=1,
+    start_ns=1_000_000_000_000,
+    stop_ns=0,
+    zone=ZONE,
+):
+    orig_dst, orig_dport = service or (dst, dport)
+    return Entry(
+        proto,
+        ip(src),
+        ip(orig_dst),
+        sport,
+        orig_dport,
+        ip(dst),
+        ip(src),
+        dport,
+        sport,
+        zone,
+        status,
+        mark,
+        b"",
+        pkts,
+        octets,
+        rpkts,
+        roctets,
+        start_ns,
+        stop_ns,
+        tcp if proto == 6 else -1,
+        ct_id,
+    )
+
+
+def make_store(**kwargs):
+    seen = []
+
+    def enrich(e):
+        seen.append(e)
+        return "meta"
+
+    return TestStore(enrich, seen, **kwargs)
+
+
+class TestStore(ConnectionStore):
+    """The store fed from lists of entries, as if each list were a complete dump."""
+
+    __test__ = False
+
+    def __init__(self, enrich, seen, **kwargs):
+        super().__init__(enrich, ACTIVE, IDLE, ZONE, **kwargs)
+        self.enriched = seen
+
+    def update(self, entries, now):
+        super().update(Dump.of(entries), now)
+
+    def by_key(self, key):
+        return next((c for c in self if c.key == key), None)
+
+
+def deltas(export):
+    return (
+        export.packet_delta,
+        export.octet_delta,
+        export.reverse_packet_delta,
+        export.reverse_octet_delta,
+    )
+
+
+def test_key_is_the_five_tuple_after_dnat_and_enrichment_sees_the_service_address():
+    store = make_store()
+    store.update([entry(service=("10.96.0.10", 80))], now=0)
+    conn = store.by_key((ip("10.10.1.5"), ip("10.10.1.6"), 6, 40000, 8080))
+    assert conn is not None
+    (seen,) = store.enriched
+    assert (seen.orig_dst, seen.orig_dport) == (ip("10.96.0.10"), 80)
+
+
+def test_nothing_is_due_before_a_timeout():
+    store = make_store()
+    store.update([entry()], now=0)
+    assert store.expire(now=IDLE - 0.001) == []
+    assert store.next_expiry() == IDLE
+
+
+def test_active_timeout_exports_deltas_and_first_delta_equals_total():
+    store = make_store()
+    store.update([entry(10, 1000, 8, 800)], now=0)
+    for t in range(5, 60, 5):  # traffic keeps the connection active
+        store.update([entry(10 + t, 1000 + t * 100, 8 + t, 800 + t * 10)], now=t)
+    store.update([entry(70, 7000, 68, 1400)], now=59)
+    (first,) = store.expire(now=ACTIVE)
+    assert first.reason == END_ACTIVE
+    assert deltas(first) == (70, 7000, 68, 1400)  # first export: delta == total
+    store.update([entry(100, 9000, 90, 2000)], now=61)
+    assert store.expire(now=ACTIVE + 1) == []
+    for t in range(65, 120, 5):
+        store.update([entry(100 + t, 9000 + t, 90, 2000)], now=t)
+    (second,) = store.expire(now=2 * ACTIVE)
+    assert second.reason == END_ACTIVE
+    last = 115  # the final update of the loop above
+    assert deltas(second) == (100 + last - 70, 9000 + last - 7000, 90 - 68, 2000 - 1400)
+
+
+def test_deltas_add_up_to_totals():
+    store = make_store()
+    exported = [0, 0, 0, 0]
+    packets = 0
+    for t in range(0, 600, 5):
+        packets += 7
+        store.update([entry(packets, packets * 100, packets // 2, packets * 30)], now=t)
+        for export in store.expire(now=t):
+            exported = [a + b for a, b in zip(exported, deltas(export), strict=True)]
+    store.update([], now=600)  # the connection leaves the table
+    (last,) = store.expire(now=600)
+    assert last.reason == END_OF_FLOW
+    exported = [a + b for a, b in zip(exported, deltas(last), strict=True)]
+    assert exported == [packets, packets * 100, packets // 2, packets * 30]
+
+
+def test_idle_timeout_then_new_activity_starts_a_new_active_period():
+    store = make_store()
+    store.update([entry(5, 500)], now=0)
+    store.update([entry(5, 500)], now=5)  # no new packets
+    (idle,) = store.expire(now=IDLE)
+    assert idle.reason == END_IDLE
+    assert deltas(idle) == (5, 500, 1, 60)
+    assert store.next_expiry() is None  # out of the heap until it is active again
+    store.update([entry(5, 500)], now=20)
+    assert store.expire(now=100) == []
+    store.update([entry(9, 900)], now=100)
+    assert store.next_expiry() == 100 + IDLE
+    (again,) = store.expire(now=100 + IDLE)
+    assert again.reason == END_IDLE
+    assert deltas(again) == (4, 400, 0, 0)  # since the previous export, not since start
+
+
+def test_tcp_state_change_counts_as_activity():
+    store = make_store()
+    store.update([entry(5, 500, tcp=ESTABLISHED)], now=0)
+    store.update([entry(5, 500, tcp=TCP_STATES.index("FIN_WAIT"))], now=10)
+    assert store.expire(now=IDLE) == []
+    assert store.next_expiry() == 10 + IDLE
+
+
+def test_time_wait_is_exported_once_promptly_then_remembered_until_gone():
+    store = make_store()
+    store.update([entry(5, 500)], now=0)
+    store.update([entry(8, 800, tcp=TIME_WAIT)], now=5)
+    (end,) = store.expire(now=5)
+    assert end.reason == END_OF_FLOW
+    assert deltas(end) == (8, 800, 1, 60)
+    # Still in the table: not re-created as a new connection, not exported again.
+    created = store.stats.created
+    store.update([entry(8, 800, tcp=TIME_WAIT)], now=10)
+    store.update([entry(8, 800, tcp=TIME_WAIT)], now=125)
+    assert store.expire(now=1000) == []
+    assert store.stats.created == created
+    assert len(store) == 1
+    store.update([], now=130)
+    assert len(store) == 0
+
+
+def test_dying_bit_ends_non_tcp_connections_with_the_stop_timestamp():
+    store = make_store()
+    store.update([entry(3, 300, proto=17)], now=0)
+    store.update([entry(4, 400, proto=17, status=IPS_DYING, stop_ns=7_500_000_000)], now=10)
+    (end,) = store.expire(now=10)
+    assert end.reason == END_OF_FLOW
+    assert end.end_time == 7.5
+
+
+def test_connection_gone_from_the_table_is_exported_and_removed():
+    store = make_store()
+    store.update([entry(5, 500)], now=0)
+    store.update([], now=5)
+    (end,) = store.expire(now=5)
+    assert end.reason == END_OF_FLOW
+    assert len(store) == 0
+    assert store.expire(now=1000) == []
+
+
+def test_negative_deltas_are_clamped_to_zero():
+    store = make_store()
+    store.update([entry(50, 5000)], now=0)
+    store.expire(now=ACTIVE)  # idle export at 15 with delta == total
+    store.update([entry(40, 4000, 2, 90)], now=70)  # counters went down (zeroed)
+    (export,) = store.expire(now=70 + IDLE)
+    assert deltas(export) == (0, 0, 1, 30)
+
+
+def test_reused_five_tuple_ends_the_old_connection_first():
+    store = make_store()
+    store.update([entry(5, 500, ct_id=1)], now=0)
+    store.update([entry(2, 200, ct_id=2)], now=5)
+    exports = store.expire(now=5)
+    assert [(e.reason, deltas(e)[:2]) for e in exports] == [(END_OF_FLOW, (5, 500))]
+    (fresh,) = store.expire(now=5 + IDLE)
+    assert fresh.connection.ct_id == 2
+    assert deltas(fresh)[:2] == (2, 200)  # its own first delta, not against the old one
+
+
+def test_min_heap_orders_exports_by_earliest_expiry():
+    store = make_store()
+    store.update([entry(1, 100, sport=1000 + i, ct_id=i) for i in range(5)], now=0)
+    for t in (3, 6, 9, 12):  # connections 3 and 4 stay active longer
+        store.update(
+            [entry(1 + (t if i >= 3 else 0), 100, sport=1000 + i, ct_id=i) for i in range(5)],
+            now=t,
+        )
+    assert store.next_expiry() == IDLE
+    first = store.expire(now=IDLE)
+    assert sorted(e.connection.ct_id for e in first) == [0, 1, 2]
+    assert store.next_expiry() == 12 + IDLE
+
+
+def test_filters_zone_protocol_uncommitted_and_enrichment_runs_once():
+    store = make_store(protocol_filter=("tcp",))
+    entries = [
+        entry(sport=1, ct_id=1),
+        entry(sport=2, ct_id=2, zone=0),
+        entry(sport=3, ct_id=3, proto=17),
+        entry(sport=4, ct_id=4, mark=0),
+    ]
+    store.update(entries, now=0)
+    store.update(entries, now=5)
+    assert len(store) == 1
+    assert dict(store.stats.filtered) == {"zone": 1, "protocol": 1, "uncommitted": 1}
+    assert len(store.enriched) == 1
+
+
+def test_empty_protocol_filter_exports_nothing():
+    store = make_store(protocol_filter=())
+    store.update([entry()], now=0)
+    assert len(store) == 0
+
+
+def test_connections_without_local_pods_are_counted_and_rechecked_after_metadata_change():
+    calls = []
+
+    def enrich(e):
+        calls.append(e)
+        return None if len(calls) < 3 else "meta"
+
+    store = TestStore(enrich, [])
+    store.update([entry()], now=0)
+    store.update([entry()], now=5)
+    assert len(calls) == 1 and len(store) == 0
+    assert store.stats.filtered["no_local_pod"] == 1
+    store.forget_skipped()
+    store.update([entry()], now=10)
+    store.forget_skipped()
+    store.update([entry()], now=15)
+    assert len(store) == 1
+
+
+def test_ipv6_connections_are_keyed_and_exported_like_ipv4():
+    store = make_store()
+    store.update([entry(3, 300, src="fd00:10:10:1::5", dst="fd00:10:10:1::6")], now=0)
+    (export,) = store.expire(now=IDLE)
+    assert export.connection.key[0] == ip("fd00:10:10:1::5")
+    assert deltas(export)[:2] == (3, 300)
+
+
+@pytest.mark.parametrize("n", [1000])
+def test_many_connections_each_export_once_per_timeout(n):
+    store = make_store()
+    store.update([entry(1, 100, sport=i, ct_id=i) for i in range(n)], now=0)
+    assert len(store.expire(now=IDLE)) == n
+    assert store.expire(now=IDLE * 10) == []
