@@ -139,7 +139,8 @@ class ConfigReader:
             close = difflib.get_close_matches(str(key), sorted(self.used), n=1)
             hint = f" (did you mean {self.prefix}{close[0]}?)" if close else ""
             raise ConfigError(
-                f"{self.source}: unknown config key {self.prefix}{key!s}{hint}; "
+                f"{self.source}: unknown config key {self.prefix}{key!s}: "
+                f"{self.values[key]!r}{hint}; "
                 f"expected one of {', '.join(sorted(self.used))}"
             )
         return present_ignored

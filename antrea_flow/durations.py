@@ -48,9 +48,13 @@ def parse_duration(text: str) -> float:
 
 
 def format_duration(seconds: float) -> str:
-    """A short Go-style rendering: 90 -> "1m30s", 0.5 -> "500ms"."""
-    if seconds and seconds < 1:
-        return f"{seconds * 1000:g}ms"
+    """A short Go-style rendering: 90 -> "1m30s", 0.5 -> "500ms", 1e-9 -> "1ns"."""
+    if seconds < 0:
+        return "-" + format_duration(-seconds)
+    if 0 < seconds < 1:
+        for unit, scale in (("ms", 1e-3), ("us", 1e-6), ("ns", 1e-9)):
+            if seconds >= scale or unit == "ns":
+                return f"{round(seconds / scale, 6):g}{unit}"
     whole = int(seconds)
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)

@@ -66,6 +66,8 @@ _ANTREA_AGENT_KEYS = {
     "auditLogging",
     "hostNetworkAcceleration",
     "enableIPSecTunnel",
+    "snatFullyRandomPorts",
+    "packetInRate",
 }
 
 
@@ -91,6 +93,11 @@ class AgentConfig:
 
 def _address(reader: ConfigReader, key: str, default: str, **kwargs) -> TransportAddress:
     text = reader.string(key, default, "<HOST>:[<PORT>][:<PROTO>]")
+    # Newer Antrea names the Service as <namespace>/<name>: its cluster DNS name.
+    namespace, slash, rest = text.partition("/")
+    if slash and namespace and ":" not in namespace and not namespace.startswith("["):
+        name, colon, tail = rest.partition(":")
+        text = f"{name}.{namespace}.svc{colon}{tail}"
     try:
         return parse_address(text, **kwargs)
     except AddressError as exc:
@@ -105,7 +112,6 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
     section = reader.section("flowExporter")
     if section is not None:
         enabled = section.boolean("enable", enabled)
-        section.reject_unknown()
     flow = section or reader
 
     collector = _address(flow, "flowCollectorAddr", DEFAULT_COLLECTOR, default_protocol="tls")
@@ -130,6 +136,8 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
         )
         idle = poll
 
+    if section is not None:
+        section.reject_unknown()
     zone = reader.integer("conntrackZone", ANTREA_POD_ZONE, 0, 65535)
     inventory = reader.string("inventoryFile", "", "a path to a Kubernetes List YAML file")
     cert_dir = reader.string("tlsCertDir", "", "a directory holding ca.crt, tls.crt, tls.key")

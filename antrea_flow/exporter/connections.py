@@ -93,7 +93,16 @@ class StoreStats:
 class _Previous:
     """What the last poll saw, sorted by conntrack id: enough to tell what changed."""
 
-    FIELDS = ("ids", "packets", "reverse_packets", "tcp_state", "dying", "tracked", "skipped")
+    FIELDS = (
+        "ids",
+        "packets",
+        "reverse_packets",
+        "tcp_state",
+        "dying",
+        "tracked",
+        "skipped",
+        "recheck",
+    )
 
     def __init__(self, size: int = 0):
         self.ids = np.zeros(size, np.int64)
@@ -103,6 +112,7 @@ class _Previous:
         self.dying = np.zeros(size, bool)
         self.tracked = np.zeros(size, bool)  # a stored connection
         self.skipped = np.zeros(size, bool)  # enrichment said no (not a filter)
+        self.recheck = np.zeros(size, bool)  # skipped, to be enriched again (counted already)
 
     def select(self, mask: np.ndarray) -> _Previous:
         out = _Previous()
@@ -150,7 +160,7 @@ class ConnectionStore:
     def forget_skipped(self) -> None:
         """Re-examine skipped entries on the next poll (the metadata changed: a connection
         skipped for having no local Pod may have one now)."""
-        self._previous = self._previous.select(~self._previous.skipped)
+        self._previous.recheck = self._previous.skipped.copy()
 
     # -- polling ---------------------------------------------------------------------------
 
@@ -192,12 +202,13 @@ class ConnectionStore:
                 | (previous.tcp_state[at] != tcp_state)
                 | (dying & ~previous.dying[at])
             )
-            skipped = known & previous.skipped[at]
+            recheck = known & previous.recheck[at]
+            skipped = known & previous.skipped[at] & ~recheck
             still_there = np.zeros(len(previous.ids), bool)
             still_there[at[known]] = True
             gone = previous.ids[~still_there & previous.tracked].tolist()
         else:
-            known = tracked = changed = skipped = np.zeros(len(ids), bool)
+            known = tracked = changed = skipped = recheck = np.zeros(len(ids), bool)
             gone = []
 
         for conn_id in gone:
@@ -214,7 +225,7 @@ class ConnectionStore:
                 self._observe(conn, entry, now)
 
         new = ~known
-        eligible = new & self._eligible(cols, order, new)
+        eligible = (new & self._eligible(cols, order, new)) | recheck
         created: list[int] = []
         refused: list[int] = []
         positions = np.flatnonzero(eligible)
@@ -229,8 +240,9 @@ class ConnectionStore:
                 else:
                     self._add(entry, meta, now)
                     created.append(position)
-        if refused:
-            self.stats.filtered["no_local_pod"] += len(refused)
+        first_refusals = len(refused) - int(recheck[refused].sum()) if refused else 0
+        if first_refusals:
+            self.stats.filtered["no_local_pod"] += first_refusals
         was_created = np.zeros(len(ids), bool)
         was_created[created] = True
         was_refused = np.zeros(len(ids), bool)
@@ -241,6 +253,7 @@ class ConnectionStore:
         state.tcp_state, state.dying = tcp_state, dying
         state.tracked = tracked | was_created
         state.skipped = skipped | was_refused
+        state.recheck = np.zeros(len(ids), bool)
         self._previous = state
 
     def _eligible(self, cols: dict[str, np.ndarray], order: np.ndarray, new: np.ndarray):

@@ -24,10 +24,11 @@ log = logging.getLogger(__name__)
 POLICY_TYPE_K8S = 1
 POLICY_TYPE_ANP = 2
 POLICY_TYPE_ACNP = 3
+ACTION_NONE = 0  # Antrea's Pass (and anything else): no action of this rule's own
 ACTION_ALLOW = 1
 ACTION_DROP = 2
 ACTION_REJECT = 3
-ACTIONS = {"allow": ACTION_ALLOW, "drop": ACTION_DROP, "reject": ACTION_REJECT}
+ACTIONS = {"allow": ACTION_ALLOW, "drop": ACTION_DROP, "reject": ACTION_REJECT, "pass": ACTION_NONE}
 PROTOCOL_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132}
 
 # Each rule of a NetworkPolicy is identified in the dataplane by a 32-bit rule id (Antrea:
@@ -104,7 +105,7 @@ class MetadataStore:
     """Objects by (kind, namespace, name), with indexes rebuilt for the kinds that change."""
 
     def __init__(self) -> None:
-        self._objects: dict[tuple[str, str, str], Mapping[str, Any]] = {}
+        self._objects: dict[tuple[str, str, str, str], Mapping[str, Any]] = {}
         self.nodes: dict[str, NodeInfo] = {}
         self.pods_by_ip: dict[bytes, PodInfo] = {}
         self.services: dict[tuple[bytes, int, int], ServiceInfo] = {}
@@ -114,9 +115,12 @@ class MetadataStore:
     # -- feeding -------------------------------------------------------------------------
 
     @staticmethod
-    def key(obj: Mapping[str, Any]) -> tuple[str, str, str]:
+    def key(obj: Mapping[str, Any]) -> tuple[str, str, str, str]:
+        """(API group, kind, namespace, name): a K8s and an Antrea NetworkPolicy of the same
+        name are different objects."""
         namespace, name = _meta(obj)
-        return obj.get("kind", ""), namespace, name
+        group = (obj.get("apiVersion") or "").rpartition("/")[0]
+        return group, obj.get("kind", ""), namespace, name
 
     def replace(self, objects: Iterable[Mapping[str, Any]]) -> None:
         """Make the store hold exactly `objects` (a full resync)."""

@@ -1,0 +1,399 @@
+"""Enrichment of conntrack entries from Kubernetes metadata: local Pods, flowType, Service
+and NetworkPolicy rules, as upstream's flow exporter computes them."""
+
+import json
+import socket
+
+import pytest
+
+from antrea_flow.conntrack.parser import TCP_STATES, Entry
+from antrea_flow.exporter.enrich import (
+    FLOW_TYPE_FROM_EXTERNAL,
+    FLOW_TYPE_INTER_NODE,
+    FLOW_TYPE_INTRA_NODE,
+    FLOW_TYPE_TO_EXTERNAL,
+    Enricher,
+)
+from antrea_flow.k8s.stores import RULE_IDS_ANNOTATION, MetadataStore
+
+ESTABLISHED = TCP_STATES.index("ESTABLISHED")
+ZONE = 65520
+
+
+def ip(text):
+    return socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
+
+
+def node(name, *cidrs):
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+            "spec": {"podCIDRs": list(cidrs)}}  # fmt: skip
+
+
+def pod(namespace, name, node_name, *ips):
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"namespace": namespace, "name": name},
+        "spec": {"nodeName": node_name},
+        "status": {"podIPs": [{"ip": i} for i in ips]},
+    }
+
+
+OBJECTS = [
+    node("node-1", "10.10.1.0/24", "fd00:10:10:1::/64"),
+    node("node-2", "10.10.2.0/24"),
+    pod("frontend", "client", "node-1", "10.10.1.5", "fd00:10:10:1::5"),
+    pod("backend", "web", "node-1", "10.10.1.6", "fd00:10:10:1::6"),
+    pod("backend", "db", "node-2", "10.10.2.7"),
+    {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"namespace": "backend", "name": "web"},
+        "spec": {
+            "clusterIP": "10.96.0.10",
+            "clusterIPs": ["10.96.0.10", "fd00:10:96::a"],
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}],
+        },
+    },
+    {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "namespace": "backend",
+            "name": "allow-frontend",
+            "annotations": {RULE_IDS_ANNOTATION: json.dumps({"ingress": [101]})},
+        },
+        "spec": {"ingress": [{"from": [{"namespaceSelector": {}}]}]},
+    },
+    {
+        "apiVersion": "crd.antrea.io/v1beta1",
+        "kind": "ClusterNetworkPolicy",
+        "metadata": {
+            "name": "egress-control",
+            "annotations": {RULE_IDS_ANNOTATION: json.dumps({"egress": [201, 202]})},
+        },
+        "spec": {"egress": [{"action": "Allow", "name": "to-backend"}, {"action": "Drop"}]},
+    },
+]
+
+
+@pytest.fixture
+def store():
+    s = MetadataStore()
+    s.replace(OBJECTS)
+    return s
+
+
+@pytest.fixture
+def enrich(store):
+    return Enricher(store, "node-1")
+
+
+def labels(ingress=0, egress=0):
+    return bytes(8) + egress.to_bytes(4, "big") + ingress.to_bytes(4, "big")
+
+
+def entry(
+    src,
+    dst,
+    *,
+    sport=40000,
+    dport=8080,
+    service=None,
+    proto=6,
+    mark=0x2,
+    ct_labels=b"",
+    ct_id=1,
+):
+    """An entry for src:sport -> dst:dport; `service` is the (address, port) dialled when
+    dst:dport is the backend it was DNATed to."""
+    orig_dst, orig_dport = service or (dst, dport)
+    return Entry(
+        proto,
+        ip(src),
+        ip(orig_dst),
+        sport,
+        orig_dport,
+        ip(dst),
+        ip(src),
+        dport,
+        sport,
+        ZONE,
+        0,
+        mark,
+        ct_labels,
+        1,
+        100,
+        1,
+        60,
+        1_000_000_000,
+        0,
+        ESTABLISHED if proto == 6 else -1,
+        ct_id,
+    )
+
+
+# -- flowType ----------------------------------------------------------------------------
+
+
+def test_intra_node_both_pods_local(enrich):
+    meta = enrich(entry("10.10.1.5", "10.10.1.6"))
+    assert meta.flow_type == FLOW_TYPE_INTRA_NODE == 1
+    assert (meta.source_pod.namespace, meta.source_pod.name) == ("frontend", "client")
+    assert (meta.destination_pod.namespace, meta.destination_pod.name) == ("backend", "web")
+
+
+def test_intra_node_ipv6(enrich):
+    meta = enrich(entry("fd00:10:10:1::5", "fd00:10:10:1::6"))
+    assert meta.flow_type == FLOW_TYPE_INTRA_NODE
+    assert meta.source_pod.name == "client" and meta.destination_pod.name == "web"
+
+
+def test_inter_node_to_a_pod_on_another_node(enrich):
+    meta = enrich(entry("10.10.1.5", "10.10.2.7"))
+    assert meta.flow_type == FLOW_TYPE_INTER_NODE == 2
+    assert meta.source_pod.name == "client"
+    assert meta.destination_pod is None  # only Pods of this Node are filled in
+
+
+def test_inter_node_from_a_pod_on_another_node(enrich):
+    meta = enrich(entry("10.10.2.7", "10.10.1.6"))
+    assert meta.flow_type == FLOW_TYPE_INTER_NODE
+    assert meta.source_pod is None
+    assert meta.destination_pod.name == "web"
+
+
+def test_inter_node_seen_from_the_other_node(store):
+    meta = Enricher(store, "node-2")(entry("10.10.1.5", "10.10.2.7"))
+    assert meta.flow_type == FLOW_TYPE_INTER_NODE
+    assert meta.source_pod is None
+    assert meta.destination_pod.name == "db"
+
+
+def test_to_external(enrich):
+    meta = enrich(entry("10.10.1.5", "93.184.216.34", dport=443))
+    assert meta.flow_type == FLOW_TYPE_TO_EXTERNAL == 3
+    assert meta.source_pod.name == "client" and meta.destination_pod is None
+
+
+def test_to_external_ipv6(enrich):
+    meta = enrich(entry("fd00:10:10:1::5", "2001:db8::1", dport=443))
+    assert meta.flow_type == FLOW_TYPE_TO_EXTERNAL
+
+
+def test_from_external_to_a_local_pod(enrich):
+    meta = enrich(entry("192.168.77.1", "10.10.1.6"))
+    assert meta.flow_type == FLOW_TYPE_FROM_EXTERNAL == 4
+    assert meta.source_pod is None and meta.destination_pod.name == "web"
+
+
+@pytest.mark.parametrize("gateway", ["10.10.1.1", "10.10.2.1", "fd00:10:10:1::1"])
+def test_destination_is_a_gateway_is_not_a_flow(enrich, gateway):
+    source = "fd00:10:10:1::5" if ":" in gateway else "10.10.1.5"
+    assert enrich(entry(source, gateway, dport=10350)) is None
+
+
+def test_source_is_the_local_gateway_and_destination_a_local_pod_is_inter_node(enrich):
+    meta = enrich(entry("10.10.1.1", "10.10.1.6"))
+    assert meta.flow_type == FLOW_TYPE_INTER_NODE
+    assert meta.source_pod is None and meta.destination_pod.name == "web"
+
+
+def test_source_is_a_remote_gateway_and_destination_a_local_pod_is_inter_node(enrich):
+    assert enrich(entry("10.10.2.1", "10.10.1.6")).flow_type == FLOW_TYPE_INTER_NODE
+
+
+def test_source_is_a_gateway_and_destination_not_a_local_pod_is_not_a_flow(enrich):
+    assert enrich(entry("10.10.1.1", "10.10.2.7")) is None
+    assert enrich(entry("10.10.1.1", "10.10.1.77")) is None  # in the CIDR, no Pod
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [
+        ("10.10.2.7", "93.184.216.34"),  # remote Pod to external
+        ("93.184.216.34", "10.10.2.7"),  # external to remote Pod
+        ("192.168.77.1", "192.168.77.2"),  # Node to Node
+        ("10.10.1.77", "10.10.1.78"),  # local CIDR, but no Pods there
+        ("10.10.2.7", "10.10.2.8"),  # between Pods of another Node
+    ],
+)
+def test_no_local_pod_at_either_end_is_not_a_flow(enrich, src, dst):
+    assert enrich(entry(src, dst)) is None
+
+
+def test_pod_cidr_that_is_not_byte_aligned():
+    store = MetadataStore()
+    store.replace(
+        [
+            node("node-1", "10.20.16.0/20"),
+            node("node-2", "10.20.32.0/20"),
+            pod("default", "a", "node-1", "10.20.17.5"),
+            pod("default", "b", "node-2", "10.20.33.5"),
+        ]
+    )
+    enrich = Enricher(store, "node-1")
+    assert enrich(entry("10.20.17.5", "10.20.33.5")).flow_type == FLOW_TYPE_INTER_NODE
+    assert enrich(entry("10.20.17.5", "10.20.48.1")).flow_type == FLOW_TYPE_TO_EXTERNAL
+    assert enrich(entry("10.20.17.5", "10.20.16.1")) is None  # node-1's gateway
+    assert enrich(entry("10.20.31.200", "10.20.17.5")).flow_type == FLOW_TYPE_INTER_NODE
+    assert enrich(entry("10.20.48.1", "10.20.17.5")).flow_type == FLOW_TYPE_FROM_EXTERNAL
+
+
+# -- Service -----------------------------------------------------------------------------
+
+
+def test_service_from_the_ct_mark_service_bit(enrich):
+    e = entry("10.10.1.5", "10.10.1.6", service=("10.96.0.10", 80), mark=0x12)
+    meta = enrich(e)
+    assert meta.cluster_ip == "10.96.0.10"
+    assert meta.service_port == 80
+    assert meta.service_port_name == "backend/web:http"
+    assert meta.destination_pod.name == "web"  # the backend, after DNAT
+    assert meta.flow_type == FLOW_TYPE_INTRA_NODE
+
+
+def test_service_from_dnat_without_the_mark_bit(enrich):
+    meta = enrich(entry("10.10.1.5", "10.10.1.6", service=("10.96.0.10", 80), mark=0x2))
+    assert (meta.cluster_ip, meta.service_port, meta.service_port_name) == (
+        "10.96.0.10",
+        80,
+        "backend/web:http",
+    )
+
+
+def test_ipv6_service(enrich):
+    e = entry("fd00:10:10:1::5", "fd00:10:10:1::6", service=("fd00:10:96::a", 80), mark=0x12)
+    meta = enrich(e)
+    assert (meta.cluster_ip, meta.service_port, meta.service_port_name) == (
+        "fd00:10:96::a",
+        80,
+        "backend/web:http",
+    )
+
+
+def test_service_bit_with_an_unknown_service_keeps_address_and_port(enrich):
+    meta = enrich(entry("10.10.1.5", "10.10.1.6", service=("10.96.0.99", 8443), mark=0x12))
+    assert (meta.cluster_ip, meta.service_port, meta.service_port_name) == (
+        "10.96.0.99",
+        8443,
+        "",
+    )
+
+
+def test_no_service_without_dnat_or_mark_bit(enrich):
+    meta = enrich(entry("10.10.1.5", "10.10.1.6", mark=0x2))
+    assert (meta.cluster_ip, meta.service_port, meta.service_port_name) == ("", 0, "")
+
+
+def test_service_lookup_uses_the_protocol(enrich):
+    # The Service has port 80/TCP only; a UDP connection to the same address and port
+    # is DNATed (so it has a Service address) but has no port name.
+    e = entry("10.10.1.5", "10.10.1.6", service=("10.96.0.10", 80), proto=17, mark=0x12)
+    meta = enrich(e)
+    assert (meta.cluster_ip, meta.service_port, meta.service_port_name) == (
+        "10.96.0.10",
+        80,
+        "",
+    )
+
+
+def test_direct_connection_to_the_service_port_of_a_pod_is_not_a_service(enrich):
+    a = enrich(entry("10.10.1.5", "10.10.1.6", service=("10.96.0.10", 80), mark=0x12))
+    b = enrich(entry("10.10.1.5", "10.10.1.6", dport=80, mark=0x2))  # direct, no Service
+    assert a.cluster_ip == "10.96.0.10"
+    assert b.cluster_ip == ""
+
+
+# -- NetworkPolicy rules from the ct labels ----------------------------------------------
+
+
+def test_rules_from_ct_labels_ingress_in_bytes_12_to_15_egress_in_8_to_11(enrich):
+    meta = enrich(entry("10.10.1.5", "10.10.1.6", ct_labels=labels(ingress=101, egress=202)))
+    assert meta.ingress_rule.rule_id == 101
+    assert (meta.ingress_rule.policy_name, meta.ingress_rule.policy_type) == (
+        "allow-frontend",
+        1,
+    )
+    assert meta.ingress_rule.action == 1
+    assert meta.egress_rule.rule_id == 202
+    assert (meta.egress_rule.policy_name, meta.egress_rule.policy_type) == ("egress-control", 3)
+    assert (meta.egress_rule.rule_name, meta.egress_rule.action) == ("egress-1", 2)
+
+
+def test_rule_ids_are_big_endian(enrich, store):
+    # 201 little-endian would be a different id; only big-endian finds the rule.
+    raw = bytes(8) + (201).to_bytes(4, "big") + bytes(4)
+    assert enrich(entry("10.10.1.5", "10.10.1.6", ct_labels=raw)).egress_rule.rule_id == 201
+    swapped = bytes(8) + (201).to_bytes(4, "little") + bytes(4)
+    meta = enrich(entry("10.10.1.5", "10.10.1.6", ct_labels=swapped, sport=2))
+    assert meta.egress_rule is None
+
+
+def test_only_one_direction_in_the_labels(enrich):
+    meta = enrich(entry("10.10.1.5", "10.10.1.6", ct_labels=labels(ingress=101)))
+    assert meta.ingress_rule.rule_id == 101
+    assert meta.egress_rule is None
+
+
+def test_no_labels_or_zero_labels_or_unknown_ids_give_no_rules(enrich):
+    for raw in (b"", bytes(16), labels(ingress=12345, egress=54321)):
+        meta = enrich(entry("10.10.1.5", "10.10.1.6", ct_labels=raw))
+        assert meta.ingress_rule is None and meta.egress_rule is None
+
+
+def test_other_label_bytes_do_not_matter(enrich):
+    raw = b"\xff" * 8 + (201).to_bytes(4, "big") + (101).to_bytes(4, "big")
+    meta = enrich(entry("10.10.1.5", "10.10.1.6", ct_labels=raw))
+    assert (meta.ingress_rule.rule_id, meta.egress_rule.rule_id) == (101, 201)
+
+
+# -- sharing and metadata changes --------------------------------------------------------
+
+
+def test_connections_with_the_same_metadata_share_one_flow_meta(enrich):
+    a = enrich(entry("10.10.1.5", "10.10.1.6", sport=40000, ct_id=1))
+    b = enrich(entry("10.10.1.5", "10.10.1.6", sport=40001, ct_id=2))
+    c = enrich(entry("10.10.1.5", "10.10.1.6", sport=40002, proto=17, ct_id=3))
+    d = enrich(entry("fd00:10:10:1::5", "fd00:10:10:1::6", ct_id=4))  # same Pods
+    assert a is b is c is d
+
+
+def test_different_metadata_gives_different_flow_meta(enrich):
+    a = enrich(entry("10.10.1.5", "10.10.1.6"))
+    b = enrich(entry("10.10.1.5", "10.10.1.6", ct_labels=labels(ingress=101)))
+    c = enrich(entry("10.10.1.5", "10.10.2.7"))
+    d = enrich(entry("10.10.1.5", "10.10.1.6", service=("10.96.0.10", 80), mark=0x12))
+    assert len({id(m) for m in (a, b, c, d)}) == 4
+    assert a.ingress_rule is None and b.ingress_rule is not None
+
+
+def test_a_new_pod_is_seen_after_a_store_change(enrich, store):
+    e = entry("10.10.1.9", "93.184.216.34")
+    assert enrich(e) is None
+    store.upsert(pod("frontend", "late", "node-1", "10.10.1.9"))
+    meta = enrich(e)
+    assert meta is not None
+    assert meta.source_pod.name == "late"
+    assert meta.flow_type == FLOW_TYPE_TO_EXTERNAL
+
+
+def test_a_moved_pod_and_changed_rules_are_seen_after_a_store_change(enrich, store):
+    e = entry("10.10.1.5", "10.10.1.6", ct_labels=labels(ingress=101))
+    before = enrich(e)
+    assert before.ingress_rule.policy_name == "allow-frontend"
+    store.remove(OBJECTS[6])  # the K8s NetworkPolicy
+    store.upsert(pod("backend", "web", "node-2", "10.10.1.6", "fd00:10:10:1::6"))
+    after = enrich(e)
+    assert after is not before
+    assert after.ingress_rule is None
+    assert after.destination_pod is None  # no longer on this Node
+    assert after.flow_type == FLOW_TYPE_INTER_NODE
+
+
+def test_a_new_node_cidr_is_seen_after_a_store_change(enrich, store):
+    e = entry("10.10.1.5", "10.10.3.4")
+    assert enrich(e).flow_type == FLOW_TYPE_TO_EXTERNAL
+    store.upsert(node("node-3", "10.10.3.0/24"))
+    assert enrich(e).flow_type == FLOW_TYPE_INTER_NODE
+    assert enrich(entry("10.10.1.5", "10.10.3.1")) is None  # node-3's gateway now
