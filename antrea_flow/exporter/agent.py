@@ -24,7 +24,7 @@ from ..errors import UsageError
 from ..ipfix.address import is_ip
 from ..ipfix.antrea import exporter_templates
 from ..ipfix.exporting import ExportingProcess
-from ..k8s.inventory import InventoryFileSource
+from ..k8s.inventory import InventoryError, InventoryFileSource
 from ..k8s.stores import MetadataStore
 from ..metrics import CallbackCollector, counter, gauge, labelled_counter, serve
 from ..tls import client_context
@@ -156,8 +156,8 @@ class Agent:
     # -- the loop --------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        self.refresh_metadata()  # a bad inventory stops start-up before any side effect
         enable_accounting(self.netns_name)
-        self.refresh_metadata()
         self.exporter.start()
         loop = asyncio.get_running_loop()
         interval = self.config.poll_interval
@@ -276,10 +276,17 @@ def main(args) -> int:
         )
         return 0
     if args.netns is not None:
-        netns.netns_path(args.netns)  # validates the name
-        if not os.path.exists(netns.netns_path(args.netns)):
+        try:
+            path = netns.netns_path(args.netns)
+        except ValueError as exc:
+            raise UsageError(f"--netns {args.netns}: {exc}") from None
+        if not os.path.exists(path):
             raise UsageError(f"--netns {args.netns}: no such network namespace (see ip netns)")
     agent = Agent(config, args.node_name or socket.gethostname(), args.netns)
+    try:
+        agent.refresh_metadata()
+    except InventoryError as exc:
+        raise UsageError(f"{args.config}: inventoryFile: {exc}") from None
     log.info(
         "flow exporter on node %s: polling conntrack zone %d%s every %ss, exporting to %s",
         agent.node_name,
