@@ -40,6 +40,31 @@ def _agent(sub) -> None:
     p.add_argument("--netns", help="network namespace (as in `ip netns`) whose conntrack to poll")
 
 
+def _lab(sub) -> None:
+    p = sub.add_parser(
+        "lab",
+        help="a two-node dual-stack cluster in network namespaces (the product's dataplane)",
+        description="Pods, Services, Kubernetes and Antrea-native NetworkPolicies, built in "
+        "network namespaces of this machine; nothing outside them is touched.",
+    )
+    lab = p.add_subparsers(dest="lab_command", required=True)
+    name_help = "the lab's name: several labs can run side by side (default: lab)"
+    up = lab.add_parser("up", help="build the cluster (again, if it is up with another config)")
+    up.add_argument("--config", help="a cluster file (a Kubernetes List, like the default)")
+    down = lab.add_parser("down", help="remove everything the lab created")
+    down.add_argument("--all", action="store_true", help="remove every lab")
+    status = lab.add_parser("status", help="namespaces, Pods, servers, conntrack")
+    inventory = lab.add_parser(
+        "inventory", help="print the cluster as a Kubernetes List (the agent's inventoryFile)"
+    )
+    inventory.add_argument("--config", help="render this cluster file instead of the running one")
+    exec_ = lab.add_parser("exec", help="run a command in a Pod's network namespace")
+    exec_.add_argument("target", metavar="NAMESPACE/POD", help="a Pod, or 'external'")
+    exec_.add_argument("argv", metavar="CMD", nargs=argparse.REMAINDER, help="-- CMD...")
+    for command in (up, down, status, inventory, exec_):
+        command.add_argument("--name", default="lab", help=name_help)
+
+
 def _quickstart(sub) -> None:
     p = sub.add_parser(
         "quickstart",
@@ -55,6 +80,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _agent(sub)
     _collector(sub)
+    _lab(sub)
     _quickstart(sub)
     return p
 
@@ -75,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             from . import collector
 
             return collector.main(args)
+        if args.command == "lab":
+            from .lab import command
+
+            return command.main(args)
         if args.command == "quickstart":
             from . import quickstart
 

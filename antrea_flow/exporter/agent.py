@@ -30,6 +30,8 @@ from ..metrics import CallbackCollector, counter, gauge, labelled_counter, serve
 from ..tls import client_context
 from .config import AgentConfig, load_agent_config
 from .connections import ConnectionStore
+from .deny import DenyStore
+from .denyqueue import DenyQueue
 from .enrich import Enricher
 from .records import flow_record
 
@@ -106,6 +108,20 @@ class Agent:
             ssl_context=ssl_context,
             server_hostname=server_name,
         )
+        enricher = self.store.enrich
+        self.denied = DenyStore(
+            self.metadata.rule,
+            enricher,
+            config.active_timeout,
+            config.idle_timeout,
+            config.deny_record_rate,
+            clock,
+        )
+        self.deny_queue = (
+            DenyQueue(netns_name, config.deny_queue, self.denied.observe)
+            if config.deny_queue is not None
+            else None
+        )
         self.registry = registry or CollectorRegistry()
         self.poll_duration = Histogram(
             "antrea_agent_conntrack_poll_cycle_duration_seconds",
@@ -143,7 +159,8 @@ class Agent:
 
     def export_due(self) -> int:
         """Queue the records that are due now; how many."""
-        exports = self.store.expire(self.clock())
+        now = self.clock()
+        exports = self.store.expire(now) + self.denied.expire(now)
         for export in exports:
             template_id, record = flow_record(export, self.node_name)
             self.exporter.add_mapping(template_id, record)
@@ -159,6 +176,8 @@ class Agent:
         self.refresh_metadata()  # a bad inventory stops start-up before any side effect
         enable_accounting(self.netns_name)
         self.exporter.start()
+        if self.deny_queue is not None:
+            self.deny_queue.start()
         loop = asyncio.get_running_loop()
         interval = self.config.poll_interval
         next_poll = self.clock()
@@ -178,12 +197,14 @@ class Agent:
                         next_poll = self.clock() + interval
                 self.export_due()
                 wake = next_poll
-                due = self.store.next_expiry()
-                if due is not None:
-                    wake = min(wake, due)
+                for due in (self.store.next_expiry(), self.denied.next_expiry()):
+                    if due is not None:
+                        wake = min(wake, due)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), max(0.0, wake - self.clock()))
         finally:
+            if self.deny_queue is not None:
+                self.deny_queue.stop()
             await self.exporter.stop()
             if self._dumper is not None:
                 self._dumper.close()
@@ -211,7 +232,15 @@ class Agent:
         yield gauge(
             "antrea_agent_denied_connection_count",
             "Connections in the agent's deny store.",
-            0,
+            len(self.denied),
+        )
+        deny = self.denied.stats
+        yield labelled_counter(
+            "antrea_agent_denied_packets_total",
+            "Denied packets handed over by the dataplane: recorded, or why not.",
+            "outcome",
+            {"recorded": deny.recorded, **deny.not_recorded},
+            always=("recorded", "rate_limited", "unknown_rule", "no_local_pod", "unparsable"),
         )
         yield gauge(
             "antrea_agent_flow_collector_reconnection_count",

@@ -83,6 +83,8 @@ class AgentConfig:
     tls_cert_dir: str
     metrics_address: TransportAddress | None
     protocol_filter: tuple[str, ...] | None  # None: every protocol; (): none
+    deny_queue: int | None = None  # NFQUEUE of denied packets; None: not listening
+    deny_record_rate: float = 5000.0  # denied packets recorded per second, at most
 
     @property
     def tls_files(self) -> tuple[str, str, str]:
@@ -155,6 +157,8 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
         except AddressError as exc:
             raise ConfigError(f"{reader.source}: metricsBindAddress: {exc}") from None
     protocols = reader.string_list("protocolFilter", None, PROTOCOLS)
+    deny_queue = reader.integer("denyQueue", -1, 0, 65535)
+    deny_rate = reader.integer("denyRecordRate", 5000, 1, 10_000_000)
     ignored = reader.reject_unknown(_ANTREA_AGENT_KEYS)
     if ignored:
         log.debug("antrea-agent.conf keys not used by antrea-flow: %s", ", ".join(ignored))
@@ -175,4 +179,6 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
         tls_cert_dir=cert_dir,
         metrics_address=metrics,
         protocol_filter=tuple(protocols) if protocols is not None else None,
+        deny_queue=None if deny_queue < 0 else deny_queue,
+        deny_record_rate=float(deny_rate),
     )

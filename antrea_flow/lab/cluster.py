@@ -1,0 +1,503 @@
+"""The lab cluster: Kubernetes objects resolved into what the dataplane needs.
+
+A cluster is described with the objects a Kubernetes API would hold (Nodes, Namespaces,
+Pods, Services, NetworkPolicies, Antrea NetworkPolicies and ClusterNetworkPolicies). The
+lab assigns Pod addresses from each Node's podCIDRs (the gateway takes the first address,
+as Antrea's antrea-gw0 does), resolves selectors and Service endpoints, gives every policy
+rule a stable 30-bit id, and renders the whole cluster back as an inventory: the same
+objects with Pod IPs and the rule ids (annotation antrea-flow.io/rule-ids) filled in.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from ..errors import UsageError
+from ..k8s.inventory import read_inventory
+from ..k8s.stores import NETWORK_POLICY_KINDS, POLICY_TYPE_K8S, RULE_IDS_ANNOTATION
+
+UNDERLAY_V4 = ipaddress.ip_network("192.168.77.0/24")
+UNDERLAY_V6 = ipaddress.ip_network("fd00:77::/64")
+EXTERNAL_HOST_INDEX = 254  # the external host's address in the underlay networks
+PROTOCOLS = ("TCP", "UDP", "SCTP")
+ACTIONS = ("Allow", "Drop", "Reject", "Pass")
+RULE_ID_MASK = 0x3FFFFFFF  # 30 bits: fits a packet mark beside the lab's own flag bits
+
+
+class ClusterError(UsageError):
+    pass
+
+
+def _fnv1a(text: str) -> int:
+    value = 0x811C9DC5
+    for byte in text.encode():
+        value = ((value ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return value
+
+
+def rule_id(*parts: object) -> int:
+    """A stable non-zero 30-bit id for a policy rule, from what identifies it."""
+    return (_fnv1a("/".join(str(p) for p in parts)) & RULE_ID_MASK) or 1
+
+
+ISOLATION_INGRESS_ID = rule_id("isolation", "ingress")
+ISOLATION_EGRESS_ID = rule_id("isolation", "egress")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Node:
+    name: str
+    index: int  # 1-based, decides the underlay addresses
+    pod_cidrs: tuple  # IPv4 and/or IPv6 networks
+
+    def address(self, version: int, offset: int = 0) -> str:
+        """The node's underlay address (offset 0) or its Pod SNAT address (offset 100)."""
+        net = UNDERLAY_V4 if version == 4 else UNDERLAY_V6
+        return str(net.network_address + 10 + self.index + offset)
+
+    def gateway(self, version: int) -> str | None:
+        for cidr in self.pod_cidrs:
+            if cidr.version == version:
+                return str(cidr.network_address + 1)
+        return None
+
+    def cidr(self, version: int):
+        return next((c for c in self.pod_cidrs if c.version == version), None)
+
+
+@dataclass(slots=True, eq=False)
+class Pod:
+    namespace: str
+    name: str
+    node: Node
+    labels: dict[str, str]
+    addresses: dict[int, str]  # IP version -> address
+    named_ports: dict[str, int]
+    obj: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    name: str
+    protocol: str
+    port: int
+    target_port: int | str
+
+
+@dataclass(slots=True, eq=False)
+class Service:
+    namespace: str
+    name: str
+    cluster_ips: list[str]
+    ports: list[ServicePort]
+    endpoints: list[Pod]
+
+
+@dataclass(frozen=True, slots=True)
+class PortMatch:
+    protocol: str  # TCP, UDP, SCTP
+    port: int | None  # None: every port of the protocol
+    end_port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Peers:
+    """The other end of a rule: Pods, CIDRs (with exceptions), or anything (every=True)."""
+
+    pods: tuple[Pod, ...] = ()
+    cidrs: tuple[tuple[Any, tuple[Any, ...]], ...] = ()  # (network, excepted networks)
+    every: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class Rule:
+    rule_id: int
+    policy_type: int  # 1 K8s NetworkPolicy, 2 Antrea NetworkPolicy, 3 ClusterNetworkPolicy
+    policy_namespace: str
+    policy_name: str
+    name: str
+    direction: str  # ingress | egress
+    action: str  # Allow | Drop | Reject | Pass
+    applied_to: tuple[Pod, ...]
+    peers: Peers
+    ports: tuple[PortMatch, ...]  # empty: every port
+    order: tuple  # evaluation order of Antrea rules: (priority, policy, rule index)
+
+
+@dataclass(slots=True)
+class Cluster:
+    nodes: list[Node]
+    pods: list[Pod]
+    services: list[Service]
+    antrea_rules: list[Rule]  # in evaluation order
+    k8s_rules: list[Rule]  # all allow rules of K8s NetworkPolicies
+    isolated: dict[str, set[str]]  # direction -> keys of isolated Pods
+    objects: list[dict[str, Any]]  # the source objects
+    rule_ids: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
+
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise ClusterError(f"no node {name!r}")
+
+    def pod(self, key: str) -> Pod:
+        for pod in self.pods:
+            if pod.key == key:
+                return pod
+        raise ClusterError(f"no pod {key!r}; pods are {', '.join(p.key for p in self.pods)}")
+
+    def local_pods(self, node: Node) -> list[Pod]:
+        return [p for p in self.pods if p.node is node]
+
+    def external_address(self, version: int) -> str:
+        net = UNDERLAY_V4 if version == 4 else UNDERLAY_V6
+        return str(net.network_address + EXTERNAL_HOST_INDEX)
+
+    def inventory(self) -> dict[str, Any]:
+        """The cluster as the agent's inventoryFile reads it: a `kind: List`."""
+        items = []
+        pods = {(p.namespace, p.name): p for p in self.pods}
+        for obj in self.objects:
+            out = copy.deepcopy(obj)
+            kind = out.get("kind")
+            meta = out.setdefault("metadata", {})
+            if kind == "Node":
+                node = self.node(meta["name"])
+                out["status"] = {
+                    "addresses": [
+                        {"type": "InternalIP", "address": node.address(4)},
+                        {"type": "InternalIP", "address": node.address(6)},
+                    ]
+                }
+            elif kind == "Pod":
+                pod = pods[(meta.get("namespace", "default"), meta["name"])]
+                ips = [pod.addresses[v] for v in (4, 6) if v in pod.addresses]
+                out["status"] = {
+                    "phase": "Running",
+                    "podIP": ips[0],
+                    "podIPs": [{"ip": ip} for ip in ips],
+                }
+            key = (kind, meta.get("namespace", ""), meta.get("name", ""))
+            if key in self.rule_ids:
+                meta.setdefault("annotations", {})[RULE_IDS_ANNOTATION] = json.dumps(
+                    self.rule_ids[key], sort_keys=True
+                )
+            items.append(out)
+        return {"apiVersion": "v1", "kind": "List", "items": items}
+
+
+# -- loading --------------------------------------------------------------------------------
+
+
+def default_objects() -> list[dict[str, Any]]:
+    text = resources.files(__package__).joinpath("default_cluster.yaml").read_text()
+    return yaml.safe_load(text)["items"]
+
+
+def load_cluster(path: str | None = None) -> Cluster:
+    """The default cluster, or the one described in `path` (the same shape)."""
+    objects = default_objects() if path is None else read_inventory(path)
+    try:
+        return build_cluster(objects)
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, ClusterError):
+            raise
+        where = path or "the default cluster"
+        raise ClusterError(f"{where}: cannot build the lab cluster: {exc!r}") from None
+
+
+def _meta(obj: Mapping[str, Any]) -> tuple[str, str]:
+    meta = obj.get("metadata") or {}
+    return meta.get("namespace") or "default", meta.get("name") or ""
+
+
+def build_cluster(objects: list[dict[str, Any]]) -> Cluster:
+    nodes: list[Node] = []
+    namespaces: dict[str, dict[str, str]] = {}
+    for obj in objects:
+        if obj.get("kind") == "Node":
+            _, name = _meta(obj)
+            spec = obj.get("spec") or {}
+            cidrs = tuple(ipaddress.ip_network(c) for c in spec.get("podCIDRs") or [])
+            if not cidrs:
+                raise ClusterError(f"node {name} has no spec.podCIDRs")
+            nodes.append(Node(name, len(nodes) + 1, cidrs))
+        elif obj.get("kind") == "Namespace":
+            _, name = _meta(obj)
+            labels = dict((obj.get("metadata") or {}).get("labels") or {})
+            labels.setdefault("kubernetes.io/metadata.name", name)
+            namespaces[name] = labels
+    if not nodes:
+        raise ClusterError("the cluster has no Node")
+    by_name = {n.name: n for n in nodes}
+    pods: list[Pod] = []
+    next_host: dict[tuple[str, int], int] = {}
+    for obj in objects:
+        if obj.get("kind") != "Pod":
+            continue
+        namespace, name = _meta(obj)
+        namespaces.setdefault(namespace, {"kubernetes.io/metadata.name": namespace})
+        spec = obj.get("spec") or {}
+        node = by_name.get(spec.get("nodeName"))
+        if node is None:
+            raise ClusterError(f"pod {namespace}/{name}: spec.nodeName must name a Node")
+        addresses = {}
+        for cidr in node.pod_cidrs:
+            host = next_host.get((node.name, cidr.version), 2)  # .1 is the gateway
+            next_host[(node.name, cidr.version)] = host + 1
+            addresses[cidr.version] = str(cidr.network_address + host)
+        named_ports = {
+            p["name"]: int(p["containerPort"])
+            for c in spec.get("containers") or []
+            for p in c.get("ports") or []
+            if p.get("name")
+        }
+        labels = dict((obj.get("metadata") or {}).get("labels") or {})
+        pods.append(Pod(namespace, name, node, labels, addresses, named_ports, obj))
+
+    services = [_service(obj, pods) for obj in objects if obj.get("kind") == "Service"]
+    antrea_rules: list[Rule] = []
+    k8s_rules: list[Rule] = []
+    isolated: dict[str, set[str]] = {"ingress": set(), "egress": set()}
+    rule_ids: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for obj in objects:
+        kind = (obj.get("apiVersion", ""), obj.get("kind", ""))
+        if kind not in NETWORK_POLICY_KINDS:
+            continue
+        policy_type = NETWORK_POLICY_KINDS[kind]
+        resolver = _Selectors(pods, namespaces)
+        if policy_type == POLICY_TYPE_K8S:
+            rules, isolation = _k8s_policy(obj, resolver)
+            k8s_rules += rules
+            for direction, keys in isolation.items():
+                isolated[direction] |= keys
+        else:
+            rules = _antrea_policy(obj, policy_type, resolver)
+            antrea_rules += rules
+        namespace, name = _meta(obj)
+        ids: dict[str, Any] = {"ingress": [], "egress": []}
+        for rule in rules:
+            ids[rule.direction].append(rule.rule_id)
+        if policy_type == POLICY_TYPE_K8S:
+            ids["isolationIngress"] = ISOLATION_INGRESS_ID
+            ids["isolationEgress"] = ISOLATION_EGRESS_ID
+        scope = "" if kind[1] == "ClusterNetworkPolicy" else namespace
+        rule_ids[(kind[1], scope, name)] = ids
+    antrea_rules.sort(key=lambda r: r.order)
+    _check_unique_ids(antrea_rules + k8s_rules)
+    return Cluster(nodes, pods, services, antrea_rules, k8s_rules, isolated, objects, rule_ids)
+
+
+def _check_unique_ids(rules: list[Rule]) -> None:
+    seen: dict[int, Rule] = {}
+    for rule in rules:
+        other = seen.setdefault(rule.rule_id, rule)
+        if other is not rule:
+            raise ClusterError(
+                f"rule id {rule.rule_id} of {rule.policy_name} collides with "
+                f"{other.policy_name}; rename one of the policies"
+            )
+
+
+def _service(obj: Mapping[str, Any], pods: list[Pod]) -> Service:
+    namespace, name = _meta(obj)
+    spec = obj.get("spec") or {}
+    cluster_ips = [ip for ip in spec.get("clusterIPs") or [spec.get("clusterIP")] if ip]
+    if not cluster_ips or "None" in cluster_ips:
+        raise ClusterError(
+            f"service {namespace}/{name} needs spec.clusterIPs (headless is not supported)"
+        )
+    selector = spec.get("selector") or {}
+    endpoints = [
+        p
+        for p in pods
+        if p.namespace == namespace
+        and selector
+        and _match_labels({"matchLabels": selector}, p.labels)
+    ]
+    ports = [
+        ServicePort(
+            p.get("name") or "",
+            (p.get("protocol") or "TCP").upper(),
+            int(p["port"]),
+            p.get("targetPort", p["port"]),
+        )
+        for p in spec.get("ports") or []
+    ]
+    return Service(namespace, name, cluster_ips, ports, endpoints)
+
+
+# -- selectors ------------------------------------------------------------------------------
+
+
+def _match_labels(selector: Mapping[str, Any] | None, labels: Mapping[str, str]) -> bool:
+    """Kubernetes LabelSelector semantics; an empty selector matches everything."""
+    if not selector:
+        return True
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator = expression["key"], expression["operator"]
+        values = expression.get("values") or []
+        if operator == "In" and labels.get(key) not in values:
+            return False
+        if operator == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if operator == "Exists" and key not in labels:
+            return False
+        if operator == "DoesNotExist" and key in labels:
+            return False
+        if operator not in ("In", "NotIn", "Exists", "DoesNotExist"):
+            raise ClusterError(f"unknown label selector operator {operator!r}")
+    return True
+
+
+class _Selectors:
+    def __init__(self, pods: list[Pod], namespaces: dict[str, dict[str, str]]):
+        self.pods = pods
+        self.namespaces = namespaces
+
+    def pods_matching(
+        self,
+        pod_selector: Mapping[str, Any] | None,
+        namespace_selector: Mapping[str, Any] | None,
+        namespace: str | None,
+    ) -> tuple[Pod, ...]:
+        """Pods selected by a podSelector in `namespace` (None: all namespaces), or by a
+        namespaceSelector (with an optional podSelector) across namespaces."""
+        out = []
+        for pod in self.pods:
+            if namespace_selector is not None:
+                if not _match_labels(namespace_selector, self.namespaces.get(pod.namespace, {})):
+                    continue
+            elif namespace is not None and pod.namespace != namespace:
+                continue
+            if _match_labels(pod_selector, pod.labels):
+                out.append(pod)
+        return tuple(out)
+
+    def peers(self, entries: list[Mapping[str, Any]] | None, namespace: str | None) -> Peers:
+        if not entries:
+            return Peers(every=True)
+        pods: list[Pod] = []
+        cidrs = []
+        for entry in entries:
+            block = entry.get("ipBlock")
+            if block:
+                excepts = tuple(ipaddress.ip_network(e) for e in block.get("except") or [])
+                cidrs.append((ipaddress.ip_network(block["cidr"]), excepts))
+                continue
+            if "podSelector" not in entry and "namespaceSelector" not in entry:
+                raise ClusterError(f"unsupported policy peer {dict(entry)}")
+            for pod in self.pods_matching(
+                entry.get("podSelector"), entry.get("namespaceSelector"), namespace
+            ):
+                if pod not in pods:
+                    pods.append(pod)
+        return Peers(tuple(pods), tuple(cidrs))
+
+
+def _ports(entries: list[Mapping[str, Any]] | None, pods: Iterable[Pod]) -> tuple[PortMatch, ...]:
+    out = []
+    for entry in entries or []:
+        protocol = (entry.get("protocol") or "TCP").upper()
+        if protocol not in PROTOCOLS:
+            raise ClusterError(f"unsupported protocol {protocol!r}")
+        port = entry.get("port")
+        if isinstance(port, str):  # a named port: the numbers it names on the Pods
+            numbers = sorted({p.named_ports[port] for p in pods if port in p.named_ports})
+            if not numbers:
+                raise ClusterError(f"no pod has a port named {port!r}")
+            out += [PortMatch(protocol, n) for n in numbers]
+            continue
+        out.append(PortMatch(protocol, port, entry.get("endPort")))
+    return tuple(out)
+
+
+def _k8s_policy(obj: Mapping[str, Any], s: _Selectors) -> tuple[list[Rule], dict[str, set[str]]]:
+    namespace, name = _meta(obj)
+    spec = obj.get("spec") or {}
+    selected = s.pods_matching(spec.get("podSelector"), None, namespace)
+    types = spec.get("policyTypes") or (["Ingress"] + (["Egress"] if "egress" in spec else []))
+    isolation: dict[str, set[str]] = {}
+    rules = []
+    for direction in ("ingress", "egress"):
+        if direction.capitalize() not in types:
+            continue
+        isolation[direction] = {p.key for p in selected}
+        peer_key = "from" if direction == "ingress" else "to"
+        for index, rule in enumerate(spec.get(direction) or []):
+            peers = s.peers(rule.get(peer_key), namespace)
+            targets = selected if direction == "ingress" else peers.pods
+            rules.append(
+                Rule(
+                    rule_id(POLICY_TYPE_K8S, namespace, name, direction, index),
+                    POLICY_TYPE_K8S,
+                    namespace,
+                    name,
+                    "",
+                    direction,
+                    "Allow",
+                    selected,
+                    peers,
+                    _ports(rule.get("ports"), targets),
+                    (),
+                )
+            )
+    return rules, isolation
+
+
+def _antrea_policy(obj: Mapping[str, Any], policy_type: int, s: _Selectors) -> list[Rule]:
+    namespace, name = _meta(obj)
+    cluster_scoped = obj.get("kind") == "ClusterNetworkPolicy"
+    scope = None if cluster_scoped else namespace
+    spec = obj.get("spec") or {}
+    priority = float(spec.get("priority", 5))
+    applied = []
+    for target in spec.get("appliedTo") or [{}]:
+        for pod in s.pods_matching(
+            target.get("podSelector"), target.get("namespaceSelector"), scope
+        ):
+            if pod not in applied:
+                applied.append(pod)
+    rules = []
+    for direction in ("ingress", "egress"):
+        peer_key = "from" if direction == "ingress" else "to"
+        for index, rule in enumerate(spec.get(direction) or []):
+            action = rule.get("action") or "Allow"
+            if action not in ACTIONS:
+                raise ClusterError(f"{name}: action {action!r} is not one of {', '.join(ACTIONS)}")
+            peers = s.peers(rule.get(peer_key), scope)
+            targets = tuple(applied) if direction == "ingress" else peers.pods
+            rules.append(
+                Rule(
+                    rule_id(
+                        policy_type, "" if cluster_scoped else namespace, name, direction, index
+                    ),
+                    policy_type,
+                    "" if cluster_scoped else namespace,
+                    name,
+                    rule.get("name") or f"{direction}-{index}",
+                    direction,
+                    action,
+                    tuple(applied),
+                    peers,
+                    _ports(rule.get("ports"), targets),
+                    (priority, name, direction, index),
+                )
+            )
+    return rules
