@@ -10,6 +10,17 @@ from .errors import UsageError
 from .ipfix.address import AddressError
 
 
+def _aggregator(sub) -> None:
+    p = sub.add_parser(
+        "aggregator",
+        help="the flow aggregator: join both Nodes' records, export to collectors",
+        description="Receive the agents' records (mutual TLS by default), correlate the two "
+        "halves of inter-node flows, aggregate, and export to an IPFIX collector and/or a "
+        "JSON-lines file.",
+    )
+    p.add_argument("--config", required=True, help="flow-aggregator.conf (YAML)")
+
+
 def _collector(sub) -> None:
     p = sub.add_parser(
         "collector",
@@ -79,6 +90,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
     _agent(sub)
+    _aggregator(sub)
     _collector(sub)
     _lab(sub)
     _quickstart(sub)
@@ -97,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             from .exporter import agent
 
             return agent.main(args)
+        if args.command == "aggregator":
+            from .aggregator import service
+
+            return service.main(args)
         if args.command == "collector":
             from . import collector
 

@@ -58,3 +58,42 @@ def exporter_templates() -> list[Template]:
         Template.from_names(EXPORTER_TEMPLATE_ID_IPV4, exporter_element_names(ipv6=False)),
         Template.from_names(EXPORTER_TEMPLATE_ID_IPV6, exporter_element_names(ipv6=True)),
     ]
+
+
+AGGREGATOR_TEMPLATE_ID_IPV4 = 256
+AGGREGATOR_TEMPLATE_ID_IPV6 = 257
+
+
+def aggregator_element_names(ipv6: bool) -> list[str]:
+    """What the flow aggregator exports: every exporter IE, each Node's counters (in
+    upstream's order), throughputs and the provenance of the records it merged."""
+    names = exporter_element_names(ipv6)
+    for direction in ("", "reverse"):
+        for counter in ("OctetDelta", "OctetTotal", "PacketDelta", "PacketTotal"):
+            name = f"{direction}{counter}" if direction else counter[0].lower() + counter[1:]
+            for side in ("SourceNode", "DestinationNode"):
+                names.append(f"{name}CountFrom{side}")
+    names += [
+        "flowEndSecondsFromSourceNode",
+        "flowEndSecondsFromDestinationNode",
+        "throughput",
+        "throughputFromSourceNode",
+        "throughputFromDestinationNode",
+        "reverseThroughput",
+        "reverseThroughputFromSourceNode",
+        "reverseThroughputFromDestinationNode",
+        "sourcePodLabels",
+        "destinationPodLabels",
+        "originalExporterIPv4Address",
+        "originalExporterIPv6Address",
+        "originalObservationDomainId",
+    ]
+    return names
+
+
+def aggregator_templates() -> list[Template]:
+    """The IPv4 (256) and IPv6 (257) templates of the flow aggregator's export."""
+    return [
+        Template.from_names(AGGREGATOR_TEMPLATE_ID_IPV4, aggregator_element_names(ipv6=False)),
+        Template.from_names(AGGREGATOR_TEMPLATE_ID_IPV6, aggregator_element_names(ipv6=True)),
+    ]

@@ -1,0 +1,1 @@
+"""The flow aggregator: joins both Nodes' records of each connection and feeds collectors."""

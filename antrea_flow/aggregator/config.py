@@ -1,0 +1,126 @@
+"""The aggregator's configuration: flow-aggregator.conf's keys, plus ours."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from ..configfile import ConfigError, ConfigReader
+from ..ipfix.address import AddressError, TransportAddress, parse_address
+
+log = logging.getLogger(__name__)
+
+DEFAULT_AGGREGATOR_ADDRESS = "flow-aggregator.flow-aggregator.svc"
+# Keys of upstream's flow-aggregator.conf for features antrea-flow does not have.
+_UNSUPPORTED = ("mode", "clickHouse", "s3Uploader", "flowLogger", "flowStreamService", "apiServer")
+_IGNORED = ("recordContents", "clusterID", "recordBufferSize")
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatorConfig:
+    listen: TransportAddress  # where agents connect (protocol: aggregatorTransportProtocol)
+    aggregator_address: str  # the name (or IP) agents use, for the server certificate
+    external_collector: TransportAddress | None
+    export_interval: float
+    inactive_timeout: float
+    correlation_timeout: float
+    cert_dir: str
+    json_log: str
+    metrics_address: TransportAddress | None
+    observation_domain_id: int
+    template_refresh: float
+    inventory_file: str = ""  # Pods by IP, to complete records and add Pod labels
+
+    @property
+    def tls(self) -> bool:
+        return self.listen.protocol == "tls"
+
+
+def _address(reader: ConfigReader, key: str, text: str, **kwargs) -> TransportAddress:
+    try:
+        return parse_address(text, **kwargs)
+    except AddressError as exc:
+        raise ConfigError(f"{reader.source}: {reader.prefix}{key}: {exc}") from None
+
+
+def load_aggregator_config(path: str | os.PathLike) -> AggregatorConfig:
+    reader = ConfigReader.from_file(path)
+    collector_text = reader.string("externalFlowCollectorAddr", "", "<IP>:<port>[:<proto>]")
+    domain_id = reader.integer("observationDomainID", 0, 0, 0xFFFFFFFF)
+    refresh = reader.duration("templateRefreshTimeout", 600.0, minimum=1.0)
+    # Current upstream groups the external collector under `flowCollector:`.
+    section = reader.section("flowCollector")
+    if section is not None:
+        if section.boolean("enable", True):
+            collector_text = section.string("address", collector_text, "<IP>:<port>[:<proto>]")
+        else:
+            collector_text = ""
+        domain_id = section.integer("observationDomainID", domain_id, 0, 0xFFFFFFFF)
+        refresh = section.duration("templateRefreshTimeout", refresh, minimum=1.0)
+        section.reject_unknown(
+            ("recordFormat", "tls", "includeK8sNames", "includeK8sUIDs", "maxIPFIXMsgSize")
+        )
+    collector = None
+    if collector_text:
+        collector = _address(
+            reader,
+            "externalFlowCollectorAddr",
+            collector_text,
+            default_protocol="tcp",
+            protocols=("tcp", "udp"),
+            port_required=True,
+        )
+    interval = reader.duration("flowExportInterval", 60.0, minimum=1.0)
+    if "activeFlowRecordTimeout" in reader.values:  # upstream's current name
+        interval = reader.duration("activeFlowRecordTimeout", interval, minimum=1.0)
+    inactive = reader.duration("inactiveFlowRecordTimeout", 90.0, minimum=1.0)
+    correlation = reader.duration("correlationTimeout", 60.0, minimum=1.0)
+    protocol = reader.choice("aggregatorTransportProtocol", "tls", ("tls", "tcp", "udp"))
+    name = reader.string("flowAggregatorAddress", DEFAULT_AGGREGATOR_ADDRESS, "a DNS name or IP")
+    listen_text = reader.string("listenAddress", ":4739", "[HOST]:PORT")
+    listen = _address(
+        reader,
+        "listenAddress",
+        f"{listen_text}:{protocol}",
+        default_protocol=protocol,
+        port_required=True,
+        listen=True,
+    )
+    cert_dir = reader.string(
+        "certDir", "/var/run/antrea-flow/flow-aggregator", "a directory for the certificates"
+    )
+    json_log = reader.string("jsonLogPath", "", "a file path (empty: no JSON log)")
+    inventory = reader.string("inventoryFile", "", "a path to a Kubernetes List YAML file")
+    metrics_text = reader.string("metricsBindAddress", ":10348", "[HOST]:PORT or empty")
+    metrics = (
+        _address(
+            reader,
+            "metricsBindAddress",
+            metrics_text,
+            default_protocol="tcp",
+            protocols=("tcp",),
+            port_required=True,
+            listen=True,
+        )
+        if metrics_text
+        else None
+    )
+    present = reader.reject_unknown(_UNSUPPORTED + _IGNORED)
+    for key in present:
+        if key in _UNSUPPORTED:
+            log.warning("%s: %s is not supported by antrea-flow and is ignored", reader.source, key)
+    return AggregatorConfig(
+        listen=listen,
+        aggregator_address=name,
+        external_collector=collector,
+        export_interval=interval,
+        inactive_timeout=inactive,
+        correlation_timeout=correlation,
+        cert_dir=cert_dir,
+        json_log=json_log,
+        metrics_address=metrics,
+        observation_domain_id=domain_id,
+        template_refresh=refresh,
+        inventory_file=inventory,
+    )

@@ -1,0 +1,243 @@
+"""The aggregator process: intake from agents, aggregation, export to sinks, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry
+
+from ..errors import UsageError
+from ..ipfix.address import is_ip
+from ..ipfix.collecting import CollectingProcess, Peer
+from ..ipfix.messages import Message
+from ..k8s.inventory import InventoryFileSource
+from ..k8s.stores import MetadataStore, pack_ip
+from ..metrics import CallbackCollector, counter, gauge, labelled_counter, serve
+from ..tls import server_context
+from ..tls.provision import ensure_aggregator_certificates
+from .aggregation import AggregationStore
+from .config import AggregatorConfig, load_aggregator_config
+from .sinks import IPFIXSink, JSONLinesSink
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SERVER_NAME = "flow-aggregator.flow-aggregator.svc"
+
+
+def _certificate_names(config: AggregatorConfig) -> tuple[list[str], list[str]]:
+    """DNS names and IPs the server certificate must carry: the configured address, the
+    name agents check when they dial an IP (as Antrea's do), and local/listen addresses."""
+    names = [DEFAULT_SERVER_NAME, "localhost"]
+    addresses = ["127.0.0.1", "::1"]
+    for value in (config.aggregator_address, config.listen.host):
+        if not value:
+            continue
+        target = addresses if is_ip(value) else names
+        if value not in target:
+            target.append(value)
+    return names, addresses
+
+
+class Aggregator:
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        registry: CollectorRegistry | None = None,
+    ):
+        self.config = config
+        self.clock = clock
+        self.store = AggregationStore(
+            config.export_interval, config.inactive_timeout, config.correlation_timeout
+        )
+        ssl_context = None
+        if config.tls:
+            names, addresses = _certificate_names(config)
+            files = ensure_aggregator_certificates(config.cert_dir, names, addresses)
+            ssl_context = server_context(files.server_cert, files.server_key, files.ca)
+        self.collector = CollectingProcess(config.listen, self._intake, ssl_context=ssl_context)
+        self.sinks: list = []
+        if config.external_collector is not None:
+            self.sinks.append(
+                IPFIXSink(
+                    config.external_collector,
+                    config.observation_domain_id,
+                    config.template_refresh,
+                )
+            )
+        if config.json_log:
+            self.sinks.append(JSONLinesSink(config.json_log))
+        self.metadata = MetadataStore()
+        self.inventory = (
+            InventoryFileSource(config.inventory_file, self.metadata)
+            if config.inventory_file
+            else None
+        )
+        self.registry = registry or CollectorRegistry()
+        self.registry.register(CallbackCollector(self._metrics))
+
+    def _intake(self, peer: Peer, message: Message) -> None:
+        now = self.clock()
+        exporter = (peer.address.removeprefix("::ffff:"), message.observation_domain_id)
+        add = self.store.add
+        for data_set in message.data_sets:
+            for record in data_set.records:
+                add(record, exporter, now)
+
+    def export_due(self) -> int:
+        records = self.store.expire(self.clock())
+        for record in records:
+            self._complete(record)
+            for sink in self.sinks:
+                sink.send(record)
+        return len(records)
+
+    def _complete(self, record: dict) -> None:
+        """Fill each side's missing Pod, namespace and Node from the inventory (as upstream
+        does from its Pod store) and add the Pods' labels."""
+        for side, address in (("source", "sourceIP"), ("destination", "destinationIP")):
+            ip = record.get(f"{address}v4Address") or record.get(f"{address}v6Address")
+            pod = self.metadata.pod(pack_ip(ip)) if ip else None
+            if pod is None:
+                continue
+            if not record.get(f"{side}PodName"):
+                record[f"{side}PodName"] = pod.name
+                record[f"{side}PodNamespace"] = pod.namespace
+                record[f"{side}NodeName"] = pod.node_name
+            if pod.labels:
+                record[f"{side}PodLabels"] = json.dumps(pod.labels, sort_keys=True)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if self.inventory is not None:
+            self.inventory.refresh()
+        await self.collector.start()
+        for sink in self.sinks:
+            sink.start()
+        try:
+            while not stop.is_set():
+                if self.inventory is not None:
+                    self.inventory.refresh()
+                self.export_due()
+                due = self.store.next_event()
+                wait = 1.0 if due is None else min(1.0, max(0.0, due - self.clock()))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), wait)
+        finally:
+            await self.collector.stop()
+            self.export_due()
+            for sink in self.sinks:
+                await sink.stop()
+
+    def _metrics(self):
+        stats = self.store.stats
+        collector = self.collector.stats
+        yield counter(
+            "antrea_flow_aggregator_records_received_total",
+            "Flow records received from agents.",
+            stats.received,
+        )
+        yield labelled_counter(
+            "antrea_flow_aggregator_records_ignored_total",
+            "Records received but not aggregated, by reason.",
+            "reason",
+            dict(stats.ignored),
+            always=("repeated_or_stale", "no_addresses"),
+        )
+        yield counter(
+            "antrea_flow_aggregator_records_exported_total",
+            "Aggregated records handed to the sinks.",
+            stats.exported,
+        )
+        family = labelled_counter(
+            "antrea_flow_aggregator_sink_records_total",
+            "Records each sink delivered.",
+            "sink",
+            {s.name: s.sent for s in self.sinks},
+        )
+        yield family
+        dropped = {}
+        for sink in self.sinks:
+            for reason, count in sink.dropped.items():
+                dropped[f"{sink.name}:{reason}"] = count
+        yield labelled_counter(
+            "antrea_flow_aggregator_records_dropped_total",
+            "Records a sink had to drop, as sink:reason; and malformed input by reason.",
+            "reason",
+            {**dropped, **{f"malformed:{k}": v for k, v in collector.malformed.items()}},
+        )
+        yield gauge("antrea_flow_aggregator_flows", "Flows in the store.", len(self.store))
+        yield gauge(
+            "antrea_flow_aggregator_flows_waiting_for_correlation",
+            "Inter-node flows waiting for the other Node's record.",
+            self.store.waiting,
+        )
+        yield counter(
+            "antrea_flow_aggregator_correlated_total",
+            "Flows completed by the other Node's record.",
+            stats.correlated,
+        )
+        yield counter(
+            "antrea_flow_aggregator_correlation_timeouts_total",
+            "Flows exported incomplete: the other Node's record never came.",
+            stats.correlation_timeouts,
+        )
+        yield gauge(
+            "antrea_flow_aggregator_connected_exporters",
+            "Agents connected now.",
+            collector.sessions_open,
+        )
+        yield labelled_counter(
+            "antrea_flow_aggregator_refused_peers_total",
+            "Connections refused during the TLS handshake, by reason.",
+            "reason",
+            dict(collector.refused),
+            always=("not_tls", "no_client_certificate", "untrusted_certificate"),
+        )
+        yield counter(
+            "antrea_flow_aggregator_records_lost_total",
+            "Records missing according to the agents' sequence numbers.",
+            collector.lost_records,
+        )
+
+
+async def serve_aggregator(aggregator: Aggregator) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    server = None
+    if aggregator.config.metrics_address is not None:
+        server, _ = serve(aggregator.registry, aggregator.config.metrics_address)
+    try:
+        await aggregator.run(stop)
+    finally:
+        if server is not None:
+            server.shutdown()
+
+
+def main(args) -> int:
+    config = load_aggregator_config(args.config)
+    try:
+        aggregator = Aggregator(config)
+    except OSError as exc:
+        raise UsageError(f"certDir {config.cert_dir}: {exc.strerror or exc}") from None
+    log.info(
+        "flow aggregator listening on %s%s; exporting every %ss to %s",
+        config.listen,
+        f" (certificates in {config.cert_dir})" if config.tls else "",
+        config.export_interval,
+        ", ".join(
+            [str(config.external_collector)] * bool(config.external_collector)
+            + [config.json_log] * bool(config.json_log)
+        )
+        or "nowhere (no externalFlowCollectorAddr, no jsonLogPath)",
+    )
+    asyncio.run(serve_aggregator(aggregator))
+    return 0

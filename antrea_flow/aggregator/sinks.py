@@ -1,0 +1,118 @@
+"""Where aggregated records go: an IPFIX collector, and a JSON-lines file.
+
+Each sink has its own bounded queue and worker, and `send` never blocks: a slow or absent
+collector, or a slow disk, cannot hold up the intake or another sink. What a sink must
+drop is counted by reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from ..ipfix.address import TransportAddress
+from ..ipfix.antrea import (
+    AGGREGATOR_TEMPLATE_ID_IPV4,
+    AGGREGATOR_TEMPLATE_ID_IPV6,
+    aggregator_templates,
+)
+from ..ipfix.exporting import ExportingProcess
+from ..ipfix.render import json_value
+
+log = logging.getLogger(__name__)
+
+JSON_QUEUE_RECORDS = 65536
+
+
+class IPFIXSink:
+    """Aggregated records to an IPFIX collector (templates 256 IPv4, 257 IPv6)."""
+
+    name = "ipfix"
+
+    def __init__(
+        self, address: TransportAddress, observation_domain_id: int, template_refresh: float
+    ):
+        self.exporter = ExportingProcess(
+            address,
+            aggregator_templates(),
+            observation_domain_id,
+            template_refresh_interval=template_refresh,
+        )
+
+    def start(self) -> None:
+        self.exporter.start()
+
+    def send(self, record: dict[str, Any]) -> None:
+        ipv6 = "sourceIPv6Address" in record
+        template = AGGREGATOR_TEMPLATE_ID_IPV6 if ipv6 else AGGREGATOR_TEMPLATE_ID_IPV4
+        self.exporter.add_mapping(template, record)
+
+    @property
+    def sent(self) -> int:
+        return self.exporter.stats.records_sent
+
+    @property
+    def dropped(self) -> Counter[str]:
+        return self.exporter.stats.records_dropped
+
+    async def stop(self) -> None:
+        await self.exporter.stop()
+
+
+class JSONLinesSink:
+    """Aggregated records as JSON objects, one per line, appended to a file by a thread."""
+
+    name = "json"
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+        self.sent = 0
+        self.dropped: Counter[str] = Counter()
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(JSON_QUEUE_RECORDS)
+        self._thread = threading.Thread(target=self._write, name="json-sink", daemon=True)
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+
+    def send(self, record: dict[str, Any]) -> None:
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self.dropped["queue_full"] += 1
+
+    def _write(self) -> None:
+        with self.path.open("a", encoding="utf-8") as out:
+            while True:
+                record = self._queue.get()
+                if record is None:
+                    return
+                lines = [record]
+                while len(lines) < 1024:  # write what is waiting in one go
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        self._flush(out, lines)
+                        return
+                    lines.append(more)
+                self._flush(out, lines)
+
+    def _flush(self, out, records: list[dict[str, Any]]) -> None:
+        try:
+            out.write("".join(json.dumps(r, default=json_value) + "\n" for r in records))
+            out.flush()
+            self.sent += len(records)
+        except OSError as exc:
+            self.dropped["write_error"] += len(records)
+            log.error("cannot write %s: %s", self.path, exc)
+
+    async def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5.0)
