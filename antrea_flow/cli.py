@@ -79,7 +79,7 @@ def _lab(sub) -> None:
 def _quickstart(sub) -> None:
     p = sub.add_parser(
         "quickstart",
-        help="run a demo: an exporter streaming flow records to a collector over mutual TLS",
+        help="the whole pipeline on the lab: agents, aggregator, collector, traffic",
     )
     p.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
     p.add_argument("--output", default="out/quickstart", help="directory for flows.jsonl")

@@ -1,182 +1,406 @@
-"""The `quickstart` command: a demo stream of Antrea flow records over mutual TLS.
+"""The `quickstart` command: the whole pipeline on the lab, with real traffic.
 
-A collector and an exporter run in this process on loopback; the exporter streams records
-of a few synthetic connections (the shapes the node agent exports), the collector decodes
-them, prints them as a table and writes them to DIR/flows.jsonl.
+It brings the default lab up (as lab `quickstart`), starts the flow aggregator (mutual TLS)
+and one agent per Node exactly as a user would run them (`antrea-flow aggregator` and
+`antrea-flow agent` processes with their config files, in DIR), and an external IPFIX
+collector; then runs a traffic mix covering every kind of flow and policy decision, shows
+the aggregated records as they reach the collector, writes them to DIR/flows.jsonl, and on
+exit (Ctrl-C or --duration) stops everything and removes the lab.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
+import json
+import os
 import signal
+import socket
+import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import yaml
+
+from .errors import UsageError
 from .ipfix.address import TransportAddress
-from .ipfix.antrea import EXPORTER_TEMPLATE_ID_IPV4, EXPORTER_TEMPLATE_ID_IPV6, exporter_templates
 from .ipfix.collecting import CollectingProcess, Peer
-from .ipfix.exporting import ExportingProcess
 from .ipfix.messages import Message
 from .ipfix.render import json_line, message_records
-from .tls import CertificateAuthority, client_context, server_context, write_pem_files
+from .lab import command as lab
+from .lab.cluster import Cluster
+from .lab.dataplane import Names
 
-log = logging.getLogger(__name__)
-
-# (template, source, destination, sport, dport, pods, service, bytes/s each way)
-_DEMO_FLOWS = [
-    (
-        EXPORTER_TEMPLATE_ID_IPV4,
-        "10.10.1.5",
-        "10.10.2.6",
-        41000,
-        8080,
-        ("frontend", "client-1", "node-1", "", "", ""),
-        ("10.96.0.10", 80, "backend/web:http"),
-        20000,
-    ),
-    (
-        EXPORTER_TEMPLATE_ID_IPV4,
-        "10.10.1.5",
-        "10.10.1.7",
-        41002,
-        5201,
-        ("frontend", "client-1", "node-1", "backend", "web-1", "node-1"),
-        None,
-        1250000,
-    ),
-    (
-        EXPORTER_TEMPLATE_ID_IPV6,
-        "fd00:10:10:1::5",
-        "fd00:10:10:2::6",
-        41004,
-        8080,
-        ("frontend", "client-1", "node-1", "", "", ""),
-        ("fd00:10:96::a", 80, "backend/web:http"),
-        9000,
-    ),
-]
-_TABLE = "{:<8} {:<26} {:<26} {:>5} {:>12} {:>8} {:<18}"
+LAB = "quickstart"
+ACTIONS = {1: "allow", 2: "drop", 3: "reject"}
+FLOW_TYPES = {1: "intra", 2: "inter", 3: "to-ext", 4: "from-ext"}
+PROBE_EVERY = 4.0
+IPERF = ("frontend/client-1", "backend/web-2", 5201, "10M", 12)
 
 
-def _record(flow, start: int, now: int) -> dict:
-    template_id, src, dst, sport, dport, pods, service, rate = flow
-    family = "IPv6" if template_id == EXPORTER_TEMPLATE_ID_IPV6 else "IPv4"
-    elapsed = now - start
-    total = rate * elapsed
-    record = {
-        "flowStartSeconds": start,
-        "flowEndSeconds": now,
-        "flowEndReason": 2,
-        "sourceTransportPort": sport,
-        "destinationTransportPort": dport,
-        "protocolIdentifier": 6,
-        "packetTotalCount": total // 1000,
-        "octetTotalCount": total,
-        "packetDeltaCount": rate // 1000,
-        "octetDeltaCount": rate,
-        f"source{family}Address": src,
-        f"destination{family}Address": dst,
-        "reversePacketTotalCount": total // 10000,
-        "reverseOctetTotalCount": total // 10,
-        "reversePacketDeltaCount": rate // 10000,
-        "reverseOctetDeltaCount": rate // 10,
-        "sourcePodNamespace": pods[0],
-        "sourcePodName": pods[1],
-        "sourceNodeName": pods[2],
-        "destinationPodNamespace": pods[3],
-        "destinationPodName": pods[4],
-        "destinationNodeName": pods[5],
-        "tcpState": "ESTABLISHED",
-        "flowType": 1 if pods[4] else 2,
-    }
-    if service:
-        record[f"destinationCluster{family}"] = service[0]
-        record["destinationServicePort"] = service[1]
-        record["destinationServicePortName"] = service[2]
-    return record
+@dataclass(frozen=True, slots=True)
+class Probe:
+    what: str
+    pod: str
+    host: str
+    port: int
+    expect: str  # ok, refused, timeout
 
 
-def _make_certificates(directory: Path) -> tuple:
-    ca = CertificateAuthority.create()
-    server = ca.issue("localhost", ["localhost"], ["127.0.0.1"], server=True)
-    client = ca.issue("quickstart-exporter", client=True)
-    return write_pem_files(directory / "server", ca, server), write_pem_files(
-        directory / "client", ca, client
-    )
+def traffic_mix(cluster: Cluster) -> list[Probe]:
+    """Every case the README promises: intra/inter-node, Service over IPv4 and IPv6,
+    external, and each policy decision."""
+
+    def ip(pod: str, version: int = 4) -> str:
+        return cluster.pod(pod).addresses[version]
+
+    service = next(s for s in cluster.services if s.name == "web")
+    v4 = next(a for a in service.cluster_ips if ":" not in a)
+    v6 = next(a for a in service.cluster_ips if ":" in a)
+    return [
+        Probe(
+            "intra-node, allowed by web-allow-frontend",
+            "frontend/client-1",
+            ip("backend/web-1"),
+            8080,
+            "ok",
+        ),
+        Probe(
+            "inter-node, allowed by web-allow-frontend",
+            "frontend/client-1",
+            ip("backend/web-2"),
+            8080,
+            "ok",
+        ),
+        Probe("inter-node over IPv6", "frontend/client-2", ip("backend/web-1", 6), 8080, "ok"),
+        Probe("to Service backend/web (IPv4)", "frontend/client-2", v4, 80, "ok"),
+        Probe("to Service backend/web (IPv6)", "frontend/client-1", v6, 80, "ok"),
+        Probe("to the external host", "frontend/client-1", cluster.external_address(4), 8080, "ok"),
+        Probe(
+            "to the external host (IPv6)",
+            "frontend/client-2",
+            cluster.external_address(6),
+            8080,
+            "ok",
+        ),
+        Probe("dropped: web is isolated", "backend/db", ip("backend/web-1"), 8080, "timeout"),
+        Probe("rejected by acnp-db-guard", "frontend/client-1", ip("backend/db"), 8080, "refused"),
+        Probe("allowed by acnp-db-guard", "backend/web-1", ip("backend/db"), 8080, "ok"),
+    ]
 
 
-async def run(output: Path, duration: float | None) -> int:
-    output.mkdir(parents=True, exist_ok=True)
-    (server_ca, server_cert, server_key), (client_ca, client_cert, client_key) = _make_certificates(
-        output / "certs"
-    )
-    flows_file = (output / "flows.jsonl").open("w")
-    received = 0
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
-    def handle(peer: Peer, message: Message) -> None:
-        nonlocal received
+
+def _write_yaml(path: Path, data: Any) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+class Table:
+    """Prints aggregated records as rows."""
+
+    FORMAT = "{:<8} {:<18} {:<22} {:<17} {:<9} {:>9} {:>7} {:<32} {:<8} {}"
+
+    def __init__(self) -> None:
+        print(
+            self.FORMAT.format(
+                "TIME", "SOURCE", "DESTINATION", "SERVICE", "PROTO", "BYTES", "MBIT/S",
+                "INGRESS POLICY", "TYPE", "",
+            )
+        )  # fmt: skip
+
+    @staticmethod
+    def _end(record: dict, side: str) -> str:
+        pod = record.get(f"{side}PodName")
+        if pod:
+            return f"{record.get(f'{side}PodNamespace')}/{pod}"
+        return record.get(f"{side}IPv4Address") or record.get(f"{side}IPv6Address", "")
+
+    @staticmethod
+    def _policy(record: dict, direction: str) -> str:
+        action = record.get(f"{direction}NetworkPolicyRuleAction", 0)
+        if not action:
+            return ""
+        name = record.get(f"{direction}NetworkPolicyName") or "isolation"
+        rule = record.get(f"{direction}NetworkPolicyRuleName")
+        return f"{name}{'/' + rule if rule else ''} {ACTIONS.get(action, action)}"
+
+    def row(self, record: dict) -> None:
+        proto = {6: "tcp", 17: "udp"}.get(record.get("protocolIdentifier"), "ip")
+        egress = self._policy(record, "egress")
+        notes = ("egress " + egress) if egress else ""
+        if record.get("incomplete"):
+            notes = (notes + " incomplete").strip()
+        print(
+            self.FORMAT.format(
+                time.strftime("%H:%M:%S"),
+                self._end(record, "source")[:18],
+                self._end(record, "destination")[:22],
+                record.get("destinationServicePortName", "")[:17],
+                f"{proto}/{record.get('destinationTransportPort', 0)}",
+                record.get("octetDeltaCount", 0),
+                f"{record.get('throughput', 0) / 1e6:.2f}",
+                self._policy(record, "ingress")[:32],
+                FLOW_TYPES.get(record.get("flowType"), ""),
+                notes,
+            ),
+            flush=True,
+        )
+
+
+class Quickstart:
+    def __init__(self, output: Path, duration: float | None):
+        self.output = output
+        self.duration = duration
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.records = 0
+        self.iperf: dict[str, Any] = {}
+        self.outcomes: dict[str, str] = {}
+        self._flows = None
+
+    # -- processes -------------------------------------------------------------------------
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        log = open(self.output / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - the child's
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", "antrea_flow.cli", *args],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+
+    def _check_processes(self) -> None:
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                tail = (self.output / "logs" / f"{name}.log").read_text()[-600:]
+                raise UsageError(f"{name} exited with {process.returncode}:\n{tail}")
+
+    async def _wait(self, ready, what: str, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            self._check_processes()
+            if time.monotonic() > deadline:
+                raise UsageError(f"timed out waiting for {what}")
+            await asyncio.sleep(0.1)
+
+    def _start_pipeline(self, cluster: Cluster, collector_port: int) -> None:
+        certs = self.output / "certs"
+        inventory = _write_yaml(self.output / "inventory.yaml", cluster.inventory())
+        aggregator_port = _free_port()
+        self.aggregator_port = aggregator_port
+        config = _write_yaml(
+            self.output / "flow-aggregator.conf",
+            {
+                "externalFlowCollectorAddr": f"127.0.0.1:{collector_port}:tcp",
+                "flowExportInterval": "5s",
+                "aggregatorTransportProtocol": "tls",
+                "flowAggregatorAddress": "flow-aggregator.flow-aggregator.svc",
+                "listenAddress": f"127.0.0.1:{aggregator_port}",
+                "inactiveFlowRecordTimeout": "30s",
+                "correlationTimeout": "15s",
+                "certDir": str(certs),
+                "jsonLogPath": str(self.output / "aggregator-flows.jsonl"),
+                "inventoryFile": str(inventory),
+                "metricsBindAddress": f"127.0.0.1:{_free_port()}",
+            },
+        )
+        self._spawn("aggregator", ["aggregator", "--config", str(config)])
+        self.agent_configs = []
+        for node in cluster.nodes:
+            path = _write_yaml(
+                self.output / f"antrea-agent-{node.name}.conf",
+                {
+                    "featureGates": {"FlowExporter": True},
+                    "flowCollectorAddr": f"127.0.0.1:{aggregator_port}:tls",
+                    "flowPollInterval": "1s",
+                    "activeFlowExportTimeout": "5s",
+                    "idleFlowExportTimeout": "2s",
+                    "inventoryFile": str(inventory),
+                    "tlsCertDir": str(certs),
+                    "metricsBindAddress": f"127.0.0.1:{_free_port()}",
+                    "denyQueue": 1,
+                },
+            )
+            self.agent_configs.append((node, path))
+
+    def _start_agents(self) -> None:
+        names = Names(LAB)
+        for node, path in self.agent_configs:
+            self._spawn(
+                f"agent-{node.name}",
+                [
+                    "agent",
+                    "--config",
+                    str(path),
+                    "--node-name",
+                    node.name,
+                    "--netns",
+                    names.node(node),
+                ],
+            )
+
+    def _stop_processes(self) -> None:
+        # Agents first (they send what they hold), then the aggregator (it drains).
+        for group in (
+            [p for n, p in self.processes.items() if n.startswith("agent")],
+            [p for n, p in self.processes.items() if n == "aggregator"],
+        ):
+            for process in group:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            for process in group:
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+    # -- traffic ---------------------------------------------------------------------------
+
+    async def _in_pod(self, pod: str, *command: str, timeout: float = 30.0) -> str:
+        ns = Names(LAB).pod(self.cluster.pod(pod))
+        process = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", ns, *command,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            out, _ = await asyncio.wait_for(process.communicate(), timeout)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            return ""
+        return out.decode()
+
+    async def _probes(self) -> None:
+        while True:
+            mix = traffic_mix(self.cluster)
+            results = await asyncio.gather(
+                *(
+                    self._in_pod(
+                        p.pod, sys.executable, "-m", "antrea_flow.lab.probe", p.host, str(p.port)
+                    )
+                    for p in mix
+                )
+            )
+            for probe, result in zip(mix, results, strict=True):
+                self.outcomes[probe.what] = result.strip()
+            await asyncio.sleep(PROBE_EVERY)
+
+    async def _iperf(self) -> None:
+        client, server, port, rate, seconds = IPERF
+        host = self.cluster.pod(server).addresses[4]
+        out = await self._in_pod(
+            client, "iperf3", "-c", host, "-p", str(port), "-b", rate, "-t", str(seconds), "-J",
+            timeout=seconds + 20,
+        )  # fmt: skip
+        with contextlib.suppress(ValueError, KeyError):
+            result = json.loads(out)
+            self.iperf = {
+                "bits_per_second": result["end"]["sum_sent"]["bits_per_second"],
+                "local_port": result["start"]["connected"][0]["local_port"],
+            }
+
+    # -- collector -------------------------------------------------------------------------
+
+    def _collected(self, peer: Peer, message: Message) -> None:
         for record in message_records(peer, message):
-            received += 1
-            flows_file.write(json_line(record) + "\n")
-            src = record.get("sourcePodName") or record.get("sourceIPv4Address", "")
-            dst = record.get("destinationPodName") or record.get("destinationServicePortName", "")
+            self.records += 1
+            self._flows.write(json_line(record) + "\n")
+            self.table.row(record)
+        self._flows.flush()
+
+    # -- run ---------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        (self.output / "logs").mkdir(parents=True, exist_ok=True)
+        print(f"building the lab {LAB!r} (network namespaces afl-{LAB}-*) ...", flush=True)
+        self.cluster = lab.up(LAB, None).cluster
+        self._flows = (self.output / "flows.jsonl").open("w")
+        collector = CollectingProcess(TransportAddress("127.0.0.1", 0, "tcp"), self._collected)
+        tasks: list[asyncio.Task] = []
+        try:
+            await collector.start()
+            self._start_pipeline(self.cluster, collector.port)
+            certs = self.output / "certs"
+            await self._wait(
+                lambda: all((certs / f).exists() for f in ("ca.crt", "tls.crt", "tls.key")),
+                "the aggregator's certificates",
+            )
+            await self._wait(lambda: _listening(self.aggregator_port), "the aggregator to listen")
+            self._start_agents()
             print(
-                _TABLE.format(
-                    time.strftime("%H:%M:%S"),
-                    f"{record.get('sourcePodNamespace', '')}/{src}",
-                    dst,
-                    record["protocolIdentifier"],
-                    record["octetDeltaCount"],
-                    record["flowType"],
-                    "mutual TLS",
-                ),
+                f"aggregator on 127.0.0.1:{self.aggregator_port} (mutual TLS), agents on "
+                f"{', '.join(n.name for n in self.cluster.nodes)}, external collector on "
+                f"127.0.0.1:{collector.port}; logs and configs in {self.output}\n",
                 flush=True,
             )
-        flows_file.flush()
+            self.table = Table()
+            await asyncio.sleep(1.5)  # the agents' first poll
+            tasks = [asyncio.create_task(self._probes()), asyncio.create_task(self._iperf())]
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            deadline = None if self.duration is None else loop.time() + self.duration
+            while not stop.is_set() and (deadline is None or loop.time() < deadline):
+                self._check_processes()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            print("\nstopping: agents, aggregator (it exports what it holds), collector ...")
+            self._stop_processes()
+            await asyncio.sleep(0.5)
+            await collector.stop()
+            self._flows.close()
+            lab.down(LAB)
+        return self._summary()
 
-    collector = CollectingProcess(
-        TransportAddress("127.0.0.1", 0, "tls"),
-        handle,
-        ssl_context=server_context(server_cert, server_key, server_ca),
-    )
-    await collector.start()
-    exporter = ExportingProcess(
-        TransportAddress("127.0.0.1", collector.port, "tls"),
-        exporter_templates(),
-        observation_domain_id=1,
-        ssl_context=client_context(client_ca, client_cert, client_key),
-        server_hostname="localhost",
-    )
-    exporter.start()
-    print(
-        _TABLE.format("TIME", "SOURCE", "DESTINATION", "PROTO", "OCTETS(DELTA)", "FLOWTYPE", "VIA")
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    start = int(time.time())
-    deadline = loop.time() + duration if duration else None
-    while not stop.is_set() and (deadline is None or loop.time() < deadline):
-        now = int(time.time())
-        for flow in _DEMO_FLOWS:
-            exporter.add_mapping(flow[0], _record(flow, start, max(now, start + 1)))
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), 1.0)
-    await exporter.stop()
-    await asyncio.sleep(0.2)
-    await collector.stop()
-    flows_file.close()
-    dropped = sum(exporter.stats.records_dropped.values())
-    print(
-        f"\n{received} records received over mutual TLS "
-        f"({exporter.stats.records_sent} sent, {dropped} dropped); "
-        f"written to {output / 'flows.jsonl'}"
-    )
-    return 0 if received == exporter.stats.records_sent and received else 1
+    def _summary(self) -> int:
+        path = self.output / "flows.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines() if line]
+        complete = [r for r in records if not r.get("incomplete")]
+        print(f"\n{len(records)} aggregated records ({len(complete)} complete) in {path}")
+        for what, outcome in self.outcomes.items():
+            print(f"  {what:<45} {outcome}")
+        if self.iperf:
+            flows = [
+                r
+                for r in records
+                if r.get("sourceTransportPort") == self.iperf["local_port"]
+                and r.get("destinationTransportPort") == IPERF[2]
+            ]
+            if flows:
+                last = max(flows, key=lambda r: r.get("flowEndSeconds", 0))
+                seconds = max(1, last["flowEndSeconds"] - last["flowStartSeconds"])
+                measured = last["octetTotalCount"] * 8 / seconds
+                print(
+                    f"  iperf3 {IPERF[0]} -> {IPERF[1]}: iperf3 reports "
+                    f"{self.iperf['bits_per_second'] / 1e6:.2f} Mbit/s; its flow records: "
+                    f"{measured / 1e6:.2f} Mbit/s over {seconds} s"
+                )
+        return 0 if records else 1
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def main(args) -> int:
-    return asyncio.run(run(Path(args.output), args.duration))
+    if os.geteuid() != 0:
+        raise UsageError("quickstart needs root: it builds the lab in network namespaces")
+    output = Path(args.output).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    return asyncio.run(Quickstart(output, args.duration).run())

@@ -328,6 +328,17 @@ class AggregationStore:
                 self._schedule(flow, flow.last_update + self.inactive_timeout)
         return out
 
+    def drain(self, now: float) -> list[dict[str, Any]]:
+        """On shutdown: every flow updated since its last export, waiting ones included
+        (flagged incomplete), so stopping loses nothing received."""
+        out = []
+        for flow in self._flows.values():
+            if not flow.ready:
+                flow.ready = flow.incomplete = True
+            if flow.updated:
+                out.append(self._export(flow, now))
+        return out
+
     def _export(self, flow: Flow, now: float) -> dict[str, Any]:
         record = dict(flow.record)
         for side in SIDES:

@@ -91,8 +91,9 @@ class Aggregator:
             for record in data_set.records:
                 add(record, exporter, now)
 
-    def export_due(self) -> int:
-        records = self.store.expire(self.clock())
+    def export_due(self, drain: bool = False) -> int:
+        now = self.clock()
+        records = self.store.drain(now) if drain else self.store.expire(now)
         for record in records:
             self._complete(record)
             for sink in self.sinks:
@@ -131,7 +132,7 @@ class Aggregator:
                     await asyncio.wait_for(stop.wait(), wait)
         finally:
             await self.collector.stop()
-            self.export_due()
+            self.export_due(drain=True)
             for sink in self.sinks:
                 await sink.stop()
 
