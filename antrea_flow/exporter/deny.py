@@ -101,10 +101,10 @@ class DenyStore:
 
     def _admit(self, now: float) -> bool:
         """Token bucket of `record_rate` packets per second (burst: one second's worth)."""
-        self._tokens = min(
-            self.record_rate, self._tokens + (now - self._refilled) * self.record_rate
-        )
-        self._refilled = now
+        # Observers may pass times slightly out of order: never refill backwards.
+        elapsed = max(0.0, now - self._refilled)
+        self._tokens = min(self.record_rate, self._tokens + elapsed * self.record_rate)
+        self._refilled = max(self._refilled, now)
         if self._tokens < 1:
             return False
         self._tokens -= 1
@@ -112,8 +112,8 @@ class DenyStore:
 
     def observe(self, packet: bytes, mark: int) -> bool:
         """Record one denied packet; False (and counted) when it is not recorded."""
-        now = self.clock()
         with self._lock:
+            now = self.clock()
             if not self._admit(now):
                 self.stats.not_recorded["rate_limited"] += 1
                 return False

@@ -145,7 +145,7 @@ class Cluster:
     k8s_rules: list[Rule]  # all allow rules of K8s NetworkPolicies
     isolated: dict[str, set[str]]  # direction -> keys of isolated Pods
     objects: list[dict[str, Any]]  # the source objects
-    rule_ids: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
+    rule_ids: dict[tuple[str, str, str, str], dict[str, Any]] = field(default_factory=dict)
 
     def node(self, name: str) -> Node:
         for node in self.nodes:
@@ -174,6 +174,8 @@ class Cluster:
             out = copy.deepcopy(obj)
             kind = out.get("kind")
             meta = out.setdefault("metadata", {})
+            if kind not in _CLUSTER_SCOPED and not meta.get("namespace"):
+                meta["namespace"] = "default"  # as the lab (and the API server) reads it
             if kind == "Node":
                 node = self.node(meta["name"])
                 out["status"] = {
@@ -183,14 +185,14 @@ class Cluster:
                     ]
                 }
             elif kind == "Pod":
-                pod = pods[(meta.get("namespace", "default"), meta["name"])]
+                pod = pods[(meta["namespace"], meta["name"])]
                 ips = [pod.addresses[v] for v in (4, 6) if v in pod.addresses]
                 out["status"] = {
                     "phase": "Running",
                     "podIP": ips[0],
                     "podIPs": [{"ip": ip} for ip in ips],
                 }
-            key = (kind, meta.get("namespace", ""), meta.get("name", ""))
+            key = _policy_key(out)
             if key in self.rule_ids:
                 meta.setdefault("annotations", {})[RULE_IDS_ANNOTATION] = json.dumps(
                     self.rule_ids[key], sort_keys=True
@@ -217,6 +219,17 @@ def load_cluster(path: str | None = None) -> Cluster:
             raise
         where = path or "the default cluster"
         raise ClusterError(f"{where}: cannot build the lab cluster: {exc!r}") from None
+
+
+_CLUSTER_SCOPED = ("Node", "Namespace", "ClusterNetworkPolicy")
+
+
+def _policy_key(obj: Mapping[str, Any]) -> tuple[str, str, str, str]:
+    """(API group, kind, namespace or "" when cluster-scoped, name) of a policy."""
+    namespace, name = _meta(obj)
+    kind = obj.get("kind", "")
+    group = (obj.get("apiVersion") or "").rpartition("/")[0]
+    return group, kind, "" if kind in _CLUSTER_SCOPED else namespace, name
 
 
 def _meta(obj: Mapping[str, Any]) -> tuple[str, str]:
@@ -272,30 +285,36 @@ def build_cluster(objects: list[dict[str, Any]]) -> Cluster:
     antrea_rules: list[Rule] = []
     k8s_rules: list[Rule] = []
     isolated: dict[str, set[str]] = {"ingress": set(), "egress": set()}
-    rule_ids: dict[tuple[str, str, str], dict[str, Any]] = {}
+    rule_ids: dict[tuple[str, str, str, str], dict[str, Any]] = {}
     for obj in objects:
         kind = (obj.get("apiVersion", ""), obj.get("kind", ""))
         if kind not in NETWORK_POLICY_KINDS:
             continue
         policy_type = NETWORK_POLICY_KINDS[kind]
         resolver = _Selectors(pods, namespaces)
-        if policy_type == POLICY_TYPE_K8S:
-            rules, isolation = _k8s_policy(obj, resolver)
-            k8s_rules += rules
-            for direction, keys in isolation.items():
-                isolated[direction] |= keys
-        else:
-            rules = _antrea_policy(obj, policy_type, resolver)
-            antrea_rules += rules
         namespace, name = _meta(obj)
+        cluster_scoped = kind[1] == "ClusterNetworkPolicy"
+        try:
+            if policy_type == POLICY_TYPE_K8S:
+                rules, isolation = _k8s_policy(obj, resolver)
+                for direction, keys in isolation.items():
+                    isolated[direction] |= keys
+            else:
+                rules = _antrea_policy(obj, policy_type, resolver)
+        except ClusterError as exc:
+            where = name if cluster_scoped else f"{namespace}/{name}"
+            raise ClusterError(f"{kind[1]} {where}: {exc}") from None
+        if policy_type == POLICY_TYPE_K8S:
+            k8s_rules += rules
+        else:
+            antrea_rules += rules
         ids: dict[str, Any] = {"ingress": [], "egress": []}
         for rule in rules:
             ids[rule.direction].append(rule.rule_id)
         if policy_type == POLICY_TYPE_K8S:
             ids["isolationIngress"] = ISOLATION_INGRESS_ID
             ids["isolationEgress"] = ISOLATION_EGRESS_ID
-        scope = "" if kind[1] == "ClusterNetworkPolicy" else namespace
-        rule_ids[(kind[1], scope, name)] = ids
+        rule_ids[_policy_key(obj)] = ids
     antrea_rules.sort(key=lambda r: r.order)
     _check_unique_ids(antrea_rules + k8s_rules)
     return Cluster(nodes, pods, services, antrea_rules, k8s_rules, isolated, objects, rule_ids)
@@ -428,11 +447,16 @@ def _ports(entries: list[Mapping[str, Any]] | None, pods: Iterable[Pod]) -> tupl
     return tuple(out)
 
 
+def _egress_targets(s: _Selectors, peers: Peers) -> tuple[Pod, ...]:
+    """The Pods whose named ports an egress rule's ports may name."""
+    return tuple(s.pods) if peers.every else peers.pods
+
+
 def _k8s_policy(obj: Mapping[str, Any], s: _Selectors) -> tuple[list[Rule], dict[str, set[str]]]:
     namespace, name = _meta(obj)
     spec = obj.get("spec") or {}
     selected = s.pods_matching(spec.get("podSelector"), None, namespace)
-    types = spec.get("policyTypes") or (["Ingress"] + (["Egress"] if "egress" in spec else []))
+    types = spec.get("policyTypes") or (["Ingress"] + (["Egress"] if spec.get("egress") else []))
     isolation: dict[str, set[str]] = {}
     rules = []
     for direction in ("ingress", "egress"):
@@ -442,7 +466,7 @@ def _k8s_policy(obj: Mapping[str, Any], s: _Selectors) -> tuple[list[Rule], dict
         peer_key = "from" if direction == "ingress" else "to"
         for index, rule in enumerate(spec.get(direction) or []):
             peers = s.peers(rule.get(peer_key), namespace)
-            targets = selected if direction == "ingress" else peers.pods
+            targets = selected if direction == "ingress" else _egress_targets(s, peers)
             rules.append(
                 Rule(
                     rule_id(POLICY_TYPE_K8S, namespace, name, direction, index),
@@ -482,7 +506,7 @@ def _antrea_policy(obj: Mapping[str, Any], policy_type: int, s: _Selectors) -> l
             if action not in ACTIONS:
                 raise ClusterError(f"{name}: action {action!r} is not one of {', '.join(ACTIONS)}")
             peers = s.peers(rule.get(peer_key), scope)
-            targets = tuple(applied) if direction == "ingress" else peers.pods
+            targets = tuple(applied) if direction == "ingress" else _egress_targets(s, peers)
             rules.append(
                 Rule(
                     rule_id(

@@ -121,7 +121,12 @@ class NodeRules:
                     for e in excepts:
                         chain.append(f"-A {name} {e} -j MARK --or-mark {EXCEPT_FLAG:#x}")
                     match += f" -m mark ! --mark {EXCEPT_FLAG:#x}/{EXCEPT_FLAG:#x}"
+                protocol = port.split()[1] if port else None
                 for target in targets:
+                    if protocol and target.startswith("-p "):
+                        if target.split()[1] != protocol:
+                            continue  # that reject form is for another protocol
+                        target = target.split(None, 2)[2]  # the match already has -p
                     chain.append(f"-A {name} {match} {target}".replace("  ", " "))
                 if excepts:
                     chain.append(f"-A {name} -j MARK --and-mark {~EXCEPT_FLAG & 0xFFFFFFFF:#x}")
