@@ -252,6 +252,9 @@ class AggregationStore:
                     stats.totals["reverseOctet"] - previous_reverse, span
                 )
             applied = True
+            for name in _COUNTERS:
+                key = f"{name}TotalCount"
+                merged[key] = max(merged.get(key, 0), stats.totals[name])
         if not applied:
             self.stats.ignored["repeated_or_stale"] += 1
             return False

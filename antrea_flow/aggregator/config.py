@@ -52,10 +52,17 @@ def load_aggregator_config(path: str | os.PathLike) -> AggregatorConfig:
     # Current upstream groups the external collector under `flowCollector:`.
     section = reader.section("flowCollector")
     if section is not None:
-        if section.boolean("enable", True):
-            collector_text = section.string("address", collector_text, "<IP>:<port>[:<proto>]")
-        else:
-            collector_text = ""
+        address = section.string("address", "", "<IP>:<port>[:<proto>]")
+        enabled = section.boolean("enable", False)  # upstream's default
+        collector_text = (address or collector_text) if enabled else ""
+        tls = section.values.get("tls")
+        if isinstance(tls, dict) and tls.get("enable"):
+            raise section.error(
+                "tls", tls, "is not supported by antrea-flow", "tls.enable: false or no tls"
+            )
+        record_format = section.values.get("recordFormat")
+        if record_format is not None and str(record_format).upper() != "IPFIX":
+            raise section.error("recordFormat", record_format, "is not supported", "IPFIX")
         domain_id = section.integer("observationDomainID", domain_id, 0, 0xFFFFFFFF)
         refresh = section.duration("templateRefreshTimeout", refresh, minimum=1.0)
         section.reject_unknown(

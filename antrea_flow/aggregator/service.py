@@ -108,10 +108,13 @@ class Aggregator:
             pod = self.metadata.pod(pack_ip(ip)) if ip else None
             if pod is None:
                 continue
-            if not record.get(f"{side}PodName"):
-                record[f"{side}PodName"] = pod.name
-                record[f"{side}PodNamespace"] = pod.namespace
-                record[f"{side}NodeName"] = pod.node_name
+            for name, value in (
+                ("PodName", pod.name),
+                ("PodNamespace", pod.namespace),
+                ("NodeName", pod.node_name),
+            ):
+                if value and not record.get(f"{side}{name}"):
+                    record[f"{side}{name}"] = value
             if pod.labels:
                 record[f"{side}PodLabels"] = json.dumps(pod.labels, sort_keys=True)
 
@@ -229,6 +232,12 @@ def main(args) -> int:
         aggregator = Aggregator(config)
     except OSError as exc:
         raise UsageError(f"certDir {config.cert_dir}: {exc.strerror or exc}") from None
+    if config.json_log:
+        try:
+            with open(config.json_log, "a"):
+                pass
+        except OSError as exc:
+            raise UsageError(f"jsonLogPath {config.json_log}: {exc.strerror or exc}") from None
     log.info(
         "flow aggregator listening on %s%s; exporting every %ss to %s",
         config.listen,

@@ -77,7 +77,9 @@ class JSONLinesSink:
         self._thread = threading.Thread(target=self._write, name="json-sink", daemon=True)
 
     def start(self) -> None:
+        # Open here, so a path that cannot be written stops start-up instead of a thread.
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
         self._thread.start()
 
     def send(self, record: dict[str, Any]) -> None:
@@ -87,7 +89,7 @@ class JSONLinesSink:
             self.dropped["queue_full"] += 1
 
     def _write(self) -> None:
-        with self.path.open("a", encoding="utf-8") as out:
+        with self._file as out:
             while True:
                 record = self._queue.get()
                 if record is None:

@@ -95,6 +95,17 @@ def _usable(
     )
 
 
+def _key_matches(cert: x509.Certificate | None, key_path: Path) -> bool:
+    if cert is None:
+        return False
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError):
+        return False
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key.public_key().public_bytes(*spki) == cert.public_key().public_bytes(*spki)
+
+
 def ensure_aggregator_certificates(
     directory: str | os.PathLike, names: list[str], addresses: list[str]
 ) -> AggregatorCertificates:
@@ -114,12 +125,14 @@ def ensure_aggregator_certificates(
         _write(files.ca, ca.certificate_pem)
         _write(path / CA_KEY_FILE, ca.private_key_pem, private=True)
         log.info("created a CA in %s", path)
-    if not _usable(_load_certificate(files.server_cert), ca, names, addresses):
+    server = _load_certificate(files.server_cert)
+    if not (_usable(server, ca, names, addresses) and _key_matches(server, files.server_key)):
         _save(
             ca.issue(names[0], names, addresses, server=True), files.server_cert, files.server_key
         )
         log.info("issued the server certificate for %s", ", ".join(names + addresses))
-    if not _usable(_load_certificate(files.client_cert), ca):
+    client = _load_certificate(files.client_cert)
+    if not (_usable(client, ca) and _key_matches(client, files.client_key)):
         _save(ca.issue("flow-exporter", client=True), files.client_cert, files.client_key)
         log.info("issued the agents' client certificate (%s, %s)", CERT_FILE, KEY_FILE)
     return files
