@@ -136,8 +136,6 @@ class Table:
         proto = {6: "tcp", 17: "udp"}.get(record.get("protocolIdentifier"), "ip")
         egress = self._policy(record, "egress")
         notes = ("egress " + egress) if egress else ""
-        if record.get("incomplete"):
-            notes = (notes + " incomplete").strip()
         print(
             self.FORMAT.format(
                 time.strftime("%H:%M:%S"),
@@ -369,8 +367,14 @@ class Quickstart:
     def _summary(self) -> int:
         path = self.output / "flows.jsonl"
         records = [json.loads(line) for line in path.read_text().splitlines() if line]
-        complete = [r for r in records if not r.get("incomplete")]
-        print(f"\n{len(records)} aggregated records ({len(complete)} complete) in {path}")
+        # IPFIX has no "incomplete" element: the aggregator's JSON log says which were.
+        logged = self.output / "aggregator-flows.jsonl"
+        lines = logged.read_text().splitlines() if logged.exists() else []
+        incomplete = sum(1 for line in lines if json.loads(line).get("incomplete"))
+        print(
+            f"\n{len(records)} aggregated records in {path} "
+            f"({incomplete} exported incomplete: a Node's half never came)"
+        )
         for what, outcome in self.outcomes.items():
             print(f"  {what:<45} {outcome}")
         if self.iperf:

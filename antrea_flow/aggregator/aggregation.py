@@ -8,7 +8,9 @@ policy. Upstream's rules (Antrea's flow aggregator):
   action is Drop or Reject (no packet reached the other Node), need no peer.
 - Each side's counters are kept (`...FromSourceNode`, `...FromDestinationNode`: totals as
   reported, deltas summed since the last export), with each side's throughput in bits/s from
-  consecutive records; the common counters follow the latest record.
+  consecutive records; the common totals are the larger side's, the common throughput the
+  latest record's, and the common deltas what the common totals grew since the last export
+  (so they add up to the totals whichever Node reported last).
 - A flow is exported every `export_interval` while it receives records, with deltas since
   its previous export; flowEndReason 3 (end of flow) is kept once seen; a flow with no record
   for `inactive_timeout` is removed.
@@ -60,19 +62,41 @@ IDENTITY_FIELDS = (
     "egressNetworkPolicyRuleAction",
 )
 _EMPTY = (None, "", 0, "0.0.0.0", "::")
-_COUNTERS = ("packet", "octet", "reversePacket", "reverseOctet")
 SIDES = ("SourceNode", "DestinationNode")
+_TOTALS = (
+    "packetTotalCount",
+    "octetTotalCount",
+    "reversePacketTotalCount",
+    "reverseOctetTotalCount",
+)
+_DELTAS = (
+    "packetDeltaCount",
+    "octetDeltaCount",
+    "reversePacketDeltaCount",
+    "reverseOctetDeltaCount",
+)
+# Per-Node IEs of one side, paired with the _SideStats attribute each is read from.
+_SIDE_FIELDS = {
+    side: [(f"{name}From{side}", attr) for name, attr in zip(
+        _TOTALS + _DELTAS,
+        ("packets", "octets", "reverse_packets", "reverse_octets",
+         "d_packets", "d_octets", "d_reverse_packets", "d_reverse_octets"),
+        strict=True,
+    )]
+    + [(f"flowEndSecondsFrom{side}", "end"), (f"throughputFrom{side}", "throughput"),
+       (f"reverseThroughputFrom{side}", "reverse_throughput")]
+    for side in SIDES
+}  # fmt: skip
 
 
 def flow_key(record: dict[str, Any]) -> tuple:
-    source = record.get("sourceIPv4Address") or record.get("sourceIPv6Address")
-    destination = record.get("destinationIPv4Address") or record.get("destinationIPv6Address")
+    get = record.get
     return (
-        source,
-        destination,
-        record.get("protocolIdentifier", 0),
-        record.get("sourceTransportPort", 0),
-        record.get("destinationTransportPort", 0),
+        get("sourceIPv4Address") or get("sourceIPv6Address"),
+        get("destinationIPv4Address") or get("destinationIPv6Address"),
+        get("protocolIdentifier", 0),
+        get("sourceTransportPort", 0),
+        get("destinationTransportPort", 0),
     )
 
 
@@ -87,21 +111,87 @@ def _side(record: dict[str, Any]) -> tuple[str, ...]:
     return SIDES  # intra-node (both Pods), or a record with neither: it speaks for both
 
 
-@dataclass(slots=True)
 class _SideStats:
-    totals: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTERS, 0))
-    deltas: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTERS, 0))
-    end: int = 0  # flowEndSeconds of its latest record
-    throughput: int = 0
-    reverse_throughput: int = 0
-    seen: bool = False
+    """One Node's view of a flow: its latest totals, its deltas since the last export, the
+    end time of its latest record and its throughput (bits/s) between its records."""
+
+    __slots__ = (
+        "packets", "octets", "reverse_packets", "reverse_octets",
+        "d_packets", "d_octets", "d_reverse_packets", "d_reverse_octets",
+        "end", "throughput", "reverse_throughput",
+    )  # fmt: skip
+
+    def __init__(self, record: dict[str, Any]):
+        get = record.get
+        self.packets, self.octets = get("packetTotalCount", 0), get("octetTotalCount", 0)
+        self.reverse_packets = get("reversePacketTotalCount", 0)
+        self.reverse_octets = get("reverseOctetTotalCount", 0)
+        self.d_packets, self.d_octets = get("packetDeltaCount", 0), get("octetDeltaCount", 0)
+        self.d_reverse_packets = get("reversePacketDeltaCount", 0)
+        self.d_reverse_octets = get("reverseOctetDeltaCount", 0)
+        self.end = get("flowEndSeconds", 0)
+        span = self.end - get("flowStartSeconds", 0)
+        self.throughput = _throughput(self.octets, span)
+        self.reverse_throughput = _throughput(self.reverse_octets, span)
+
+    def same_totals(self, record: dict[str, Any]) -> bool:
+        get = record.get
+        return (
+            get("packetTotalCount", 0) == self.packets
+            and get("octetTotalCount", 0) == self.octets
+            and get("reversePacketTotalCount", 0) == self.reverse_packets
+            and get("reverseOctetTotalCount", 0) == self.reverse_octets
+        )
+
+    def update(self, record: dict[str, Any]) -> None:
+        """A later record of this side: totals replaced, deltas summed, throughput since
+        the previous record."""
+        get = record.get
+        end = get("flowEndSeconds", 0)
+        span = end - self.end
+        octets, reverse_octets = get("octetTotalCount", 0), get("reverseOctetTotalCount", 0)
+        if span > 0:
+            self.throughput = _throughput(octets - self.octets, span)
+            self.reverse_throughput = _throughput(reverse_octets - self.reverse_octets, span)
+        self.packets, self.octets = get("packetTotalCount", 0), octets
+        self.reverse_packets, self.reverse_octets = (
+            get("reversePacketTotalCount", 0),
+            reverse_octets,
+        )
+        self.d_packets += get("packetDeltaCount", 0)
+        self.d_octets += get("octetDeltaCount", 0)
+        self.d_reverse_packets += get("reversePacketDeltaCount", 0)
+        self.d_reverse_octets += get("reverseOctetDeltaCount", 0)
+        self.end = end
+
+    def exported(self) -> None:
+        self.d_packets = self.d_octets = self.d_reverse_packets = self.d_reverse_octets = 0
+        self.throughput = self.reverse_throughput = 0
+
+    def set_common(self, merged: dict[str, Any]) -> None:
+        """The common counters follow the latest record's side; totals never go down."""
+        for name, value in zip(
+            _TOTALS,
+            (self.packets, self.octets, self.reverse_packets, self.reverse_octets),
+            strict=True,
+        ):
+            if value > merged.get(name, 0):
+                merged[name] = value
+        merged["packetDeltaCount"], merged["octetDeltaCount"] = self.d_packets, self.d_octets
+        merged["reversePacketDeltaCount"] = self.d_reverse_packets
+        merged["reverseOctetDeltaCount"] = self.d_reverse_octets
+        merged["throughput"], merged["reverseThroughput"] = (
+            self.throughput,
+            self.reverse_throughput,
+        )
 
 
 @dataclass(slots=True, eq=False)
 class Flow:
     key: tuple
     record: dict[str, Any]  # the merged record (IE names), common counters included
-    sides: dict[str, _SideStats]
+    source: _SideStats | None  # None until a record of that side arrived
+    destination: _SideStats | None  # (one object for both when records are intra-node)
     needs_peer: bool
     ready: bool
     incomplete: bool = False
@@ -110,7 +200,14 @@ class Flow:
     last_update: float = 0.0
     next_export: float = 0.0
     exporter: tuple[str, int] = ("", 0)  # (address, observation domain) of the latest record
+    # The common totals at the previous export: the next export's common deltas are what
+    # the totals grew since, whichever Node's record made them grow.
+    exported_totals: tuple[int, int, int, int] = (0, 0, 0, 0)
     heap_deadline: float | None = None
+
+    @property
+    def both_sides(self) -> bool:
+        return self.source is not None and self.destination is not None
 
 
 @dataclass(slots=True)
@@ -181,10 +278,10 @@ class AggregationStore:
         flow.exporter = exporter
         flow.last_update = now
         flow.updated = True
-        if not flow.ready and self._has_both_sides(flow):
-            flow.ready = True
-            self.stats.correlated += 1
-        if flow.incomplete and self._has_both_sides(flow):
+        if flow.both_sides:
+            if not flow.ready:
+                flow.ready = True
+                self.stats.correlated += 1
             flow.incomplete = False
         if flow.ready:
             if record.get("flowEndReason") == END_OF_FLOW:
@@ -192,70 +289,54 @@ class AggregationStore:
             self._schedule(flow, max(flow.next_export, now))
 
     def _create(self, key: tuple, record: dict[str, Any], exporter: tuple[str, int], now: float):
-        sides = {s: _SideStats() for s in SIDES}
+        stats = _SideStats(record)
+        sides = _side(record)
+        needs_peer = _needs_peer(record)
         flow = Flow(
-            key=key,
-            record=dict(record),
-            sides=sides,
-            needs_peer=_needs_peer(record),
-            ready=False,
+            key,
+            dict(record),
+            stats if "SourceNode" in sides else None,
+            stats if "DestinationNode" in sides else None,
+            needs_peer,
+            not needs_peer,
             first_seen=now,
             last_update=now,
             next_export=now,
             exporter=exporter,
         )
-        for side in _side(record):
-            stats = sides[side]
-            stats.seen = True
-            self._take_counters(stats, record)
-            start = record.get("flowStartSeconds", 0)
-            stats.throughput = _throughput(stats.totals["octet"], stats.end - start)
-            stats.reverse_throughput = _throughput(stats.totals["reverseOctet"], stats.end - start)
-        flow.ready = not flow.needs_peer
         self._flows[key] = flow
-        self._set_common(flow, _side(record)[0])
+        stats.set_common(flow.record)
         self._schedule(flow, now if flow.ready else now + self.correlation_timeout)
-
-    @staticmethod
-    def _take_counters(stats: _SideStats, record: dict[str, Any]) -> None:
-        for name in _COUNTERS:
-            stats.totals[name] = record.get(f"{name}TotalCount", 0)
-            stats.deltas[name] += record.get(f"{name}DeltaCount", 0)
-        stats.end = record.get("flowEndSeconds", 0)
 
     def _aggregate(self, flow: Flow, record: dict[str, Any]) -> bool:
         """Merge a later record of the flow; False when it was ignored (a repeat or stale)."""
         merged = flow.record
         end = record.get("flowEndSeconds", 0)
         sides = _side(record)
-        applied = False
+        applied = None
         for side in sides:
-            stats = flow.sides[side]
-            if stats.seen:
-                if end < stats.end:
-                    continue  # older than what this side already reported
-                if end == stats.end and all(
-                    record.get(f"{n}TotalCount", 0) == stats.totals[n] for n in _COUNTERS
-                ):
-                    continue  # the same record again
-                previous_end, previous_octets = stats.end, stats.totals["octet"]
-                previous_reverse = stats.totals["reverseOctet"]
+            stats = flow.source if side == "SourceNode" else flow.destination
+            if stats is None:
+                stats = _SideStats(record)
+                if side == "SourceNode":
+                    flow.source = stats
+                else:
+                    flow.destination = stats
+            elif stats is applied:
+                continue  # an intra-node flow's two sides are one object
+            elif end < stats.end or (end == stats.end and stats.same_totals(record)):
+                continue  # older than what this side reported, or the same record again
             else:
-                previous_end = record.get("flowStartSeconds", 0)
-                previous_octets = previous_reverse = 0
-            self._take_counters(stats, record)
-            stats.seen = True
-            span = end - previous_end
-            if span > 0:
-                stats.throughput = _throughput(stats.totals["octet"] - previous_octets, span)
-                stats.reverse_throughput = _throughput(
-                    stats.totals["reverseOctet"] - previous_reverse, span
-                )
-            applied = True
-            for name in _COUNTERS:
-                key = f"{name}TotalCount"
-                merged[key] = max(merged.get(key, 0), stats.totals[name])
-        if not applied:
+                stats.update(record)
+            applied = stats
+            for name, value in zip(
+                _TOTALS,
+                (stats.packets, stats.octets, stats.reverse_packets, stats.reverse_octets),
+                strict=True,
+            ):
+                if value > merged.get(name, 0):
+                    merged[name] = value
+        if applied is None:
             self.stats.ignored["repeated_or_stale"] += 1
             return False
         for name in IDENTITY_FIELDS:
@@ -267,24 +348,8 @@ class AggregationStore:
         if end >= merged.get("flowEndSeconds", 0):
             merged["flowEndSeconds"] = end
             merged["tcpState"] = record.get("tcpState", merged.get("tcpState", ""))
-            self._set_common(flow, sides[0])
+            applied.set_common(merged)
         return True
-
-    @staticmethod
-    def _set_common(flow: Flow, side: str) -> None:
-        """The common counters follow the latest record's side."""
-        stats, merged = flow.sides[side], flow.record
-        for name in _COUNTERS:
-            merged[f"{name}TotalCount"] = max(
-                merged.get(f"{name}TotalCount", 0), stats.totals[name]
-            )
-            merged[f"{name}DeltaCount"] = stats.deltas[name]
-        merged["throughput"] = stats.throughput
-        merged["reverseThroughput"] = stats.reverse_throughput
-
-    @staticmethod
-    def _has_both_sides(flow: Flow) -> bool:
-        return all(flow.sides[s].seen for s in SIDES)
 
     # -- expiry ----------------------------------------------------------------------------
 
@@ -300,11 +365,12 @@ class AggregationStore:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
 
-    def expire(self, now: float) -> list[dict[str, Any]]:
-        """Records to export now (aggregated, with per-Node counters and provenance)."""
+    def expire(self, now: float, limit: int | None = None) -> list[dict[str, Any]]:
+        """Records to export now (aggregated, with per-Node counters and provenance); at
+        most `limit`, the rest stay due for the next call."""
         out = []
         heap = self._heap
-        while heap and heap[0][0] <= now:
+        while heap and heap[0][0] <= now and (limit is None or len(out) < limit):
             deadline, _, flow = heapq.heappop(heap)
             if flow.heap_deadline != deadline:
                 continue
@@ -344,27 +410,26 @@ class AggregationStore:
 
     def _export(self, flow: Flow, now: float) -> dict[str, Any]:
         record = dict(flow.record)
-        for side in SIDES:
-            stats = flow.sides[side]
-            for name in _COUNTERS:
-                record[f"{name}TotalCountFrom{side}"] = stats.totals[name]
-                record[f"{name}DeltaCountFrom{side}"] = stats.deltas[name]
-            record[f"flowEndSecondsFrom{side}"] = stats.end
-            record[f"throughputFrom{side}"] = stats.throughput
-            record[f"reverseThroughputFrom{side}"] = stats.reverse_throughput
+        for side, stats in (("SourceNode", flow.source), ("DestinationNode", flow.destination)):
+            for name, attribute in _SIDE_FIELDS[side]:
+                record[name] = getattr(stats, attribute) if stats is not None else 0
         address, domain = flow.exporter
         record[
             "originalExporterIPv6Address" if ":" in address else "originalExporterIPv4Address"
         ] = address
         record["originalObservationDomainId"] = domain
         record["incomplete"] = flow.incomplete
+        totals = tuple(record.get(name, 0) for name in _TOTALS)
+        for name, total, before in zip(_DELTAS, totals, flow.exported_totals, strict=True):
+            record[name] = max(0, total - before)
+        flow.exported_totals = tuple(map(max, totals, flow.exported_totals))
         # The next export reports what comes after this one.
-        for stats in flow.sides.values():
-            stats.deltas = dict.fromkeys(_COUNTERS, 0)
-            stats.throughput = stats.reverse_throughput = 0
-        for name in _COUNTERS:
-            flow.record[f"{name}DeltaCount"] = 0
-        flow.record["throughput"] = flow.record["reverseThroughput"] = 0
+        for stats in {id(s): s for s in (flow.source, flow.destination) if s is not None}.values():
+            stats.exported()
+        merged = flow.record
+        for name in _DELTAS:
+            merged[name] = 0
+        merged["throughput"] = merged["reverseThroughput"] = 0
         flow.updated = False
         flow.next_export = now + self.export_interval
         self.stats.exported += 1

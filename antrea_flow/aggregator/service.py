@@ -28,6 +28,7 @@ from .sinks import IPFIXSink, JSONLinesSink
 log = logging.getLogger(__name__)
 
 DEFAULT_SERVER_NAME = "flow-aggregator.flow-aggregator.svc"
+EXPORT_BATCH = 4096
 
 
 def _certificate_names(config: AggregatorConfig) -> tuple[list[str], list[str]]:
@@ -91,9 +92,9 @@ class Aggregator:
             for record in data_set.records:
                 add(record, exporter, now)
 
-    def export_due(self, drain: bool = False) -> int:
+    def export_due(self, drain: bool = False, limit: int | None = None) -> int:
         now = self.clock()
-        records = self.store.drain(now) if drain else self.store.expire(now)
+        records = self.store.drain(now) if drain else self.store.expire(now, limit)
         for record in records:
             self._complete(record)
             for sink in self.sinks:
@@ -128,7 +129,9 @@ class Aggregator:
             while not stop.is_set():
                 if self.inventory is not None:
                     self.inventory.refresh()
-                self.export_due()
+                # In batches, letting the intake run in between.
+                while self.export_due(limit=EXPORT_BATCH) == EXPORT_BATCH:
+                    await asyncio.sleep(0)
                 due = self.store.next_event()
                 wait = 1.0 if due is None else min(1.0, max(0.0, due - self.clock()))
                 with contextlib.suppress(TimeoutError):

@@ -157,10 +157,13 @@ class Agent:
             pass
         return len(dump)
 
-    def export_due(self) -> int:
-        """Queue the records that are due now; how many."""
+    def export_due(self, drain: bool = False) -> int:
+        """Queue the records that are due now (with `drain`: all that is held); how many."""
         now = self.clock()
-        exports = self.store.expire(now) + self.denied.expire(now)
+        if drain:
+            exports = self.store.drain() + self.denied.expire(now, drain=True)
+        else:
+            exports = self.store.expire(now) + self.denied.expire(now)
         for export in exports:
             template_id, record = flow_record(export, self.node_name)
             self.exporter.add_mapping(template_id, record)
@@ -205,6 +208,10 @@ class Agent:
         finally:
             if self.deny_queue is not None:
                 self.deny_queue.stop()
+            # A last look at the table, then what it holds goes out before the exporter closes.
+            with contextlib.suppress(OSError):
+                await loop.run_in_executor(None, self.poll)
+            self.export_due(drain=True)
             await self.exporter.stop()
             if self._dumper is not None:
                 self._dumper.close()

@@ -376,6 +376,23 @@ class ConnectionStore:
                 self._schedule(conn, min(conn.active_expire, conn.idle_expire))
         return out
 
+    def drain(self) -> list[Export]:
+        """On shutdown: every connection with something not yet exported (ended ones with
+        reason 3, live ones with reason 2), so stopping the agent loses no counts."""
+        out = []
+        for conn in self._by_id.values():
+            if conn.dying and not conn.finished:
+                out.append(self._export(conn, END_OF_FLOW))
+                conn.finished = True
+            elif not conn.dying and conn.exported != (
+                conn.packets,
+                conn.octets,
+                conn.reverse_packets,
+                conn.reverse_octets,
+            ):
+                out.append(self._export(conn, END_ACTIVE))
+        return out
+
     def _export(self, conn: Connection, reason: int) -> Export:
         packets, octets, reverse_packets, reverse_octets = conn.exported
         export = Export(

@@ -181,11 +181,14 @@ class DenyStore:
                 return None
             return min(min(c.active_expire, c.idle_expire) for c in self._connections.values())
 
-    def expire(self, now: float) -> list[Export]:
+    def expire(self, now: float, drain: bool = False) -> list[Export]:
+        """Due records; with `drain` (on shutdown), every connection with new packets."""
         out = []
         with self._lock:
             for key, conn in list(self._connections.items()):
-                if conn.idle_expire <= now:
+                if drain and conn.exported[:2] != (conn.packets, conn.octets):
+                    reason = END_OF_FLOW if conn.idle_expire <= now else END_ACTIVE
+                elif conn.idle_expire <= now:
                     reason = END_OF_FLOW
                     del self._connections[key]
                 elif conn.active_expire <= now:

@@ -40,6 +40,9 @@ DEFAULT_TEMPLATE_REFRESH = 600.0
 # How long a TLS 1.3 client waits for the collector to accept its certificate before
 # sending records anyway (see _Connection._wait_accepted).
 _TLS_ACCEPT_WAIT = 1.0
+# How long a plain-TCP exporter waits after its templates for a collector that refuses the
+# session (a TLS collector answers plain IPFIX with an alert and closes at once).
+_TCP_SETTLE_WAIT = 0.5
 
 
 @dataclass(slots=True)
@@ -174,6 +177,14 @@ class _Connection:
                 if not data:
                     self.closed_reason = "the collector closed the connection"
                     break
+                if self._tls is None:
+                    # IPFIX collectors never send data over TCP: this one is not speaking
+                    # plain IPFIX (a TLS alert, most likely).
+                    self.closed_reason = (
+                        "the collector closed the connection after answering with data an "
+                        "IPFIX collector never sends (does it expect TLS?)"
+                    )
+                    break
                 if self._tls is not None:
                     self._incoming.write(data)
                     try:
@@ -192,6 +203,15 @@ class _Connection:
             self.closed_reason = f"the collector ended the session: {_describe(exc)}"
         self._received.set()
         self._wakeup()
+
+    async def settle(self, timeout: float) -> None:
+        """Give the collector `timeout` seconds to refuse the session before records go."""
+        self._received.clear()
+        if self.closed_reason is None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._received.wait(), timeout)
+        if self.closed_reason is not None:
+            raise ConnectionError(self.closed_reason)
 
     async def send(self, message: bytes) -> None:
         if self.closed_reason is not None:
@@ -425,6 +445,8 @@ class ExportingProcess:
         udp = self.address.protocol == "udp"
         loop = asyncio.get_running_loop()
         await self._send_templates(connection, packer)
+        if self.address.protocol == "tcp":
+            await connection.settle(_TCP_SETTLE_WAIT)
         refresh_at = loop.time() + self.template_refresh_interval
         while True:
             if udp and loop.time() >= refresh_at:

@@ -47,7 +47,11 @@ NETWORK_POLICY_KINDS = {
 
 
 def pack_ip(text: str) -> bytes:
-    return ipaddress.ip_address(text).packed
+    """The packed form of an IP literal (ValueError for anything else)."""
+    try:
+        return socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
+    except (OSError, TypeError):
+        raise ValueError(f"{text!r} is not an IP address") from None
 
 
 def unpack_ip(raw: bytes) -> str:

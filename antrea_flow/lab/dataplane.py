@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UsageError
 from .cluster import Cluster, Node, Pod
 from .rules import NodeRules
 
@@ -35,11 +37,21 @@ class LabError(RuntimeError):
     pass
 
 
+LAB_NAME = re.compile(r"^[A-Za-z0-9_]{1,20}$")
+
+
 @dataclass(frozen=True, slots=True)
 class Names:
     """The namespace names of one lab."""
 
     lab: str
+
+    def __post_init__(self) -> None:
+        # No '-': then afl-<name>- can never be the start of another lab's names.
+        if not LAB_NAME.match(self.lab):
+            raise UsageError(
+                f"lab name {self.lab!r}: expected 1 to 20 letters, digits or '_' (no '-')"
+            )
 
     @property
     def prefix(self) -> str:
@@ -126,6 +138,10 @@ class Dataplane:
         ip_batch(None, [f"netns add {name}" for name in all_names])
         for name in all_names:
             ip_batch(name, ["link set lo up"])
+            # No duplicate address detection: IPv6 works the moment `up` returns.
+            sysctl(
+                name, {"net.ipv6.conf.default.accept_dad": "0", "net.ipv6.conf.all.accept_dad": "0"}
+            )
 
     def _underlay(self) -> None:
         ns = self.names.underlay
@@ -167,8 +183,16 @@ class Dataplane:
                 "net.ipv4.ip_forward": "1",
                 "net.ipv6.conf.all.forwarding": "1",
                 "net.ipv4.conf.all.rp_filter": "0",
-                # Pods reach each other through the Node (below), never by redirect.
+                # Pods reach each other through the Node (below), never by redirect. The
+                # kernel sends redirects if `all` or the interface says so; they would
+                # also use up the ICMP tokens the REJECT rules' port-unreachables need.
                 "net.ipv4.conf.all.send_redirects": "0",
+                "net.ipv4.conf.default.send_redirects": "0",
+                "net.ipv4.conf.antrea-gw0.send_redirects": "0",
+                "net.ipv4.conf.eth0.send_redirects": "0",
+                # Every rejected packet is answered, as Antrea's rejects are.
+                "net.ipv4.icmp_ratelimit": "0",
+                "net.ipv6.icmp.ratelimit": "0",
             },
         )
 

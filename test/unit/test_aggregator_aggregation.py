@@ -166,9 +166,14 @@ def test_per_node_deltas_totals_and_throughput_across_exports():
     assert e2["reverseThroughputFromSourceNode"] == (16000 - 10000) * 8 // 30
     assert e2["throughputFromDestinationNode"] == (69000 - 10000) * 8 // 60
     assert e2["reverseThroughputFromDestinationNode"] == (16000 - 4000) * 8 // 60
-    # common: totals the larger of both sides, delta and throughput the latest record's side
+    # common: totals the larger of both sides; deltas what those totals grew since the
+    # previous export (so they add up to the totals); throughput the latest record's side
     assert common(e2, "Total") == (50, 70000, 30, 16000)
-    assert common(e2, "Delta") == (38, 59000, 22, 12000)
+    e1_totals = common(e1, "Total")
+    assert common(e2, "Delta") == tuple(
+        a - b for a, b in zip(common(e2, "Total"), e1_totals, strict=True)
+    )
+    assert common(e2, "Delta") == (40, 60000, 22, 12000)
     assert e2["throughput"] == e2["throughputFromDestinationNode"]
     assert e2["reverseThroughput"] == e2["reverseThroughputFromDestinationNode"]
 
