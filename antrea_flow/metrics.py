@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Iterable
+import signal
+from collections.abc import Awaitable, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -41,6 +43,24 @@ def labelled_counter(
     for key, value in sorted(values.items(), key=lambda kv: str(kv[0])):
         family.add_metric([str(key)], value)
     return family
+
+
+async def run_until_signalled(
+    run: Callable[[asyncio.Event], Awaitable[None]],
+    registry: CollectorRegistry,
+    address: TransportAddress | None,
+) -> None:
+    """Run a component until SIGINT or SIGTERM, with its metrics endpoint when configured."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    server = serve(registry, address)[0] if address is not None else None
+    try:
+        await run(stop)
+    finally:
+        if server is not None:
+            server.shutdown()
 
 
 def serve(registry: CollectorRegistry, address: TransportAddress) -> tuple[object, object]:

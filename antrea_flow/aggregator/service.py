@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
 import time
 from collections.abc import Callable
 
@@ -18,7 +17,7 @@ from ..ipfix.collecting import CollectingProcess, Peer
 from ..ipfix.messages import Message
 from ..k8s.inventory import InventoryFileSource
 from ..k8s.stores import MetadataStore, pack_ip
-from ..metrics import CallbackCollector, counter, gauge, labelled_counter, serve
+from ..metrics import CallbackCollector, counter, gauge, labelled_counter, run_until_signalled
 from ..tls import server_context
 from ..tls.provision import ensure_aggregator_certificates
 from .aggregation import AggregationStore
@@ -214,21 +213,6 @@ class Aggregator:
         )
 
 
-async def serve_aggregator(aggregator: Aggregator) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    server = None
-    if aggregator.config.metrics_address is not None:
-        server, _ = serve(aggregator.registry, aggregator.config.metrics_address)
-    try:
-        await aggregator.run(stop)
-    finally:
-        if server is not None:
-            server.shutdown()
-
-
 def main(args) -> int:
     config = load_aggregator_config(args.config)
     try:
@@ -252,5 +236,5 @@ def main(args) -> int:
         )
         or "nowhere (no externalFlowCollectorAddr, no jsonLogPath)",
     )
-    asyncio.run(serve_aggregator(aggregator))
+    asyncio.run(run_until_signalled(aggregator.run, aggregator.registry, config.metrics_address))
     return 0

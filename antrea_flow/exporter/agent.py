@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from ..ipfix.antrea import exporter_templates
 from ..ipfix.exporting import ExportingProcess
 from ..k8s.inventory import InventoryError, InventoryFileSource
 from ..k8s.stores import MetadataStore
-from ..metrics import CallbackCollector, counter, gauge, labelled_counter, serve
+from ..metrics import CallbackCollector, counter, gauge, labelled_counter, run_until_signalled
 from ..tls import client_context
 from .config import AgentConfig, load_agent_config
 from .connections import ConnectionStore
@@ -286,22 +285,6 @@ class Agent:
         )
 
 
-async def serve_agent(agent: Agent) -> None:
-    """Run until SIGINT/SIGTERM, with the metrics endpoint when configured."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    server = None
-    if agent.config.metrics_address is not None:
-        server, _ = serve(agent.registry, agent.config.metrics_address)
-    try:
-        await agent.run(stop)
-    finally:
-        if server is not None:
-            server.shutdown()
-
-
 def main(args) -> int:
     config = load_agent_config(args.config)
     if not config.flow_exporter_enabled:
@@ -331,5 +314,5 @@ def main(args) -> int:
         config.poll_interval,
         config.collector,
     )
-    asyncio.run(serve_agent(agent))
+    asyncio.run(run_until_signalled(agent.run, agent.registry, config.metrics_address))
     return 0
