@@ -160,7 +160,7 @@ class Quickstart:
         self.processes: dict[str, subprocess.Popen] = {}
         self.records = 0
         self.iperf: dict[str, Any] = {}
-        self.outcomes: dict[str, str] = {}
+        self.outcomes: dict[str, tuple[str, str]] = {}  # probe -> (seen, expected)
         self._flows = None
 
     # -- processes -------------------------------------------------------------------------
@@ -289,7 +289,7 @@ class Quickstart:
                 )
             )
             for probe, result in zip(mix, results, strict=True):
-                self.outcomes[probe.what] = result.strip()
+                self.outcomes[probe.what] = (result.strip(), probe.expect)
             await asyncio.sleep(PROBE_EVERY)
 
     async def _iperf(self) -> None:
@@ -375,8 +375,9 @@ class Quickstart:
             f"\n{len(records)} aggregated records in {path} "
             f"({incomplete} exported incomplete: a Node's half never came)"
         )
-        for what, outcome in self.outcomes.items():
-            print(f"  {what:<45} {outcome}")
+        for what, (outcome, expected) in self.outcomes.items():
+            note = "" if outcome == expected else f"   UNEXPECTED: the policy says {expected}"
+            print(f"  {what:<45} {outcome}{note}")
         if self.iperf:
             flows = [
                 r
@@ -393,7 +394,8 @@ class Quickstart:
                     f"{self.iperf['bits_per_second'] / 1e6:.2f} Mbit/s; its flow records: "
                     f"{measured / 1e6:.2f} Mbit/s over {seconds} s"
                 )
-        return 0 if records else 1
+        unexpected = any(seen != expected for seen, expected in self.outcomes.values())
+        return 0 if records and not unexpected else 1
 
 
 def _listening(port: int) -> bool:
