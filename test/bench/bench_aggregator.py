@@ -40,18 +40,15 @@ import cProfile
 import gc
 import io
 import json
-import logging
-import os
-import platform
 import pstats
 import random
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import benchkit
+from benchkit import GOAL_INTAKE, INTAKE_TIMEOUT, fmt_rate, maybe_round, rate, versus
 
 from antrea_flow.aggregator.aggregation import AggregationStore
 from antrea_flow.aggregator.config import AggregatorConfig
@@ -68,13 +65,10 @@ from antrea_flow.ipfix.messages import (
     template_messages,
 )
 from antrea_flow.ipfix.templates import Template
-from antrea_flow.tls import client_context
 
-GOAL_INTAKE = 67_000  # go-ipfix BenchmarkMultipleExportersToCollector: about 67k records/s
 EXPORT_TIME = 1_700_000_000
 # Long enough that no flow leaves or times out during a run: only first exports happen.
 LONG_TIMEOUT = 3600.0
-INTAKE_TIMEOUT = 300.0
 EXPORTER_ADDRESS = "127.0.0.1"
 MODES = ("collector", "intake", "aggregator")
 MODE_TITLES = {
@@ -134,16 +128,8 @@ def flow_values(rng: random.Random, j: int, src_node: int, dst_node: int, side: 
         node_name(dst_node) if destination else "",  # destinationNodeName
         80 if service else 0,  # destinationServicePort
         "backend/web:http" if service else "",  # destinationServicePortName
-        "allow-frontend-to-web" if ingress else "",  # ingressNetworkPolicyName
-        "backend" if ingress else "",  # ingressNetworkPolicyNamespace
-        1 if ingress else 0,  # ingressNetworkPolicyType: K8s NetworkPolicy
-        "ingress-rule-0" if ingress else "",  # ingressNetworkPolicyRuleName
-        1 if ingress else 0,  # ingressNetworkPolicyRuleAction: allow
-        "egress-allow-dns-web" if egress else "",  # egressNetworkPolicyName
-        "frontend" if egress else "",  # egressNetworkPolicyNamespace
-        2 if egress else 0,  # egressNetworkPolicyType: Antrea NetworkPolicy
-        "egress-rule-1" if egress else "",  # egressNetworkPolicyRuleName
-        1 if egress else 0,  # egressNetworkPolicyRuleAction: allow (a peer is awaited)
+        # ingress...egress columns; the egress rule allows, so the aggregator awaits the peer
+        *benchkit.policy_values(ingress, egress, "egress-allow-dns-web"),
         "ESTABLISHED" if j % 7 else "TIME_WAIT",  # tcpState
         1 if side == "both" else 2,  # flowType: intra-node, inter-node
         "10.96.0.10" if service else "0.0.0.0",  # destinationClusterIPv4
@@ -213,38 +199,6 @@ def decoded_records(exporters: int, per_exporter: int) -> list[tuple[dict, tuple
 # -- helpers ----------------------------------------------------------------------------
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak RSS in MiB (VmHWM: ru_maxrss is carried across exec, see
-    bench_ipfix)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def rate(count: int, seconds: float) -> float:
-    return count / seconds if seconds > 0 else float("inf")
-
-
-def fmt_rate(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:>12,.0f} records/s"
-
-
-def versus(value: float | None, goal: float) -> str:
-    if value is None:
-        return ""
-    return f"(goal >= {goal:,.0f}: {'met' if value >= goal else 'NOT met'}, {value / goal:.2f}x)"
-
-
 class GCTimer:
     """CPU time spent in the cyclic garbage collector, by generation (a gc.callbacks entry).
     Process CPU time, not wall time: on a shared machine a collection may be descheduled."""
@@ -297,71 +251,25 @@ def aggregator_config(cert_dir: str, json_log: str = "", tls: bool = True) -> Ag
 # -- 1. intake over mutual TLS ----------------------------------------------------------
 
 
-def _make_exporters(port: int, cert_dir: Path, count: int) -> list[ExportingProcess]:
-    # What agents get from the flow-aggregator-ca ConfigMap and client Secret.
-    ctx = client_context(cert_dir / "ca.crt", cert_dir / "tls.crt", cert_dir / "tls.key")
-    address = TransportAddress("127.0.0.1", port, "tls")
-    templates = antrea.exporter_templates()
-    return [
-        ExportingProcess(
-            address,
-            templates,
-            observation_domain_id=e + 1,
-            ssl_context=ctx,
-            server_hostname=DEFAULT_SERVER_NAME,
-            max_queue_records=1 << 20,
-        )
-        for e in range(count)
-    ]
-
-
-async def _connect(exporters: list[ExportingProcess], timeout: float = 60.0) -> float:
-    t0 = time.perf_counter()
-    for exporter in exporters:
-        exporter.start()
-    deadline = t0 + timeout
-    while not all(e.stats.connected for e in exporters):
-        if time.perf_counter() > deadline:
-            up = sum(e.stats.connected for e in exporters)
-            raise RuntimeError(f"only {up} of {len(exporters)} exporters connected in {timeout}s")
-        await asyncio.sleep(0.01)
-    return time.perf_counter() - t0
-
-
 async def _run_exporters_child(args: argparse.Namespace) -> None:
-    """--role exporters: build the records, connect, say 'ready', wait for 'go', send all,
-    report, exit."""
+    """--role exporters: the records are built before connecting, then sent on 'go'."""
     values = [exporter_values(e, args.per_exporter) for e in range(args.exporters)]
-    exporters = _make_exporters(args.port, Path(args.cert_dir), args.exporters)
-    connect_s = await _connect(exporters)
-    loop = asyncio.get_running_loop()
-    print(json.dumps({"ready": True, "connect_s": connect_s}), flush=True)
-    line = await loop.run_in_executor(None, sys.stdin.readline)
-    if line.strip() != "go":
-        raise SystemExit(f"expected 'go', got {line!r}")
-    cpu0, t0 = _cpu_seconds(), time.perf_counter()
-    tid = antrea.EXPORTER_TEMPLATE_ID_IPV4
-    for exporter, records in zip(exporters, values, strict=True):
-        add = exporter.add
-        for record in records:
-            add(tid, record)
-        # Let sessions send while the other exporters are still encoding, as concurrent
-        # agents would.
-        await asyncio.sleep(0)
-    idle = await asyncio.gather(*(e.wait_idle(INTAKE_TIMEOUT) for e in exporters))
-    elapsed, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
-    sent = sum(e.stats.records_sent for e in exporters)
-    dropped = sum(sum(e.stats.records_dropped.values()) for e in exporters)
-    await asyncio.gather(*(e.stop() for e in exporters))
-    result = {
-        "sent": sent,
-        "dropped": dropped,
-        "all_idle": all(idle),
-        "elapsed_s": elapsed,
-        "cpu_s": cpu,
-        "rss_mb": _peak_rss_mb(),
-    }
-    print(json.dumps(result), flush=True)
+    # What agents get from the flow-aggregator-ca ConfigMap and client Secret.
+    exporters = benchkit.make_exporters(
+        args.port, Path(args.cert_dir), args.exporters, server_hostname=DEFAULT_SERVER_NAME
+    )
+
+    async def send(exporters: list[ExportingProcess]) -> None:
+        tid = antrea.EXPORTER_TEMPLATE_ID_IPV4
+        for exporter, records in zip(exporters, values, strict=True):
+            add = exporter.add
+            for record in records:
+                add(tid, record)
+            # Let sessions send while the other exporters are still encoding, as concurrent
+            # agents would.
+            await asyncio.sleep(0)
+
+    await benchkit.run_exporters_child(exporters, send, count_dropped=True)
 
 
 def _profile_text(profile: cProfile.Profile, limit: int = 30) -> str:
@@ -395,10 +303,10 @@ async def _run_aggregator(args: argparse.Namespace) -> dict[str, Any]:
         if profile is not None:
             profile.disable()
         state["t_end"] = time.perf_counter()
-        state["cpu_end"] = _cpu_seconds()
+        state["cpu_end"] = benchkit.cpu_seconds()
         state["exported"] = store.stats.exported
         state["gc"] = gc_timer.summary()
-        state["rss_intake_mb"] = _peak_rss_mb()
+        state["rss_intake_mb"] = benchkit.peak_rss_mb()
         done.set()
 
     def count_only(peer: Peer, message: Message) -> None:
@@ -438,36 +346,24 @@ async def _run_aggregator(args: argparse.Namespace) -> dict[str, Any]:
         else:
             await collector.start()
         assert collector.port is not None
-        child = await asyncio.create_subprocess_exec(
-            sys.executable,
-            os.path.abspath(__file__),
-            "--role=exporters",
-            f"--port={collector.port}",
-            f"--cert-dir={args.cert_dir}",
-            f"--exporters={args.exporters}",
-            f"--per-exporter={args.per_exporter}",
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
+        child, result["connect_s"] = await benchkit.start_exporters_child(
+            __file__,
+            collector.port,
+            [
+                f"--cert-dir={args.cert_dir}",
+                f"--exporters={args.exporters}",
+                f"--per-exporter={args.per_exporter}",
+            ],
         )
-        assert child.stdout is not None and child.stdin is not None
-        line = await asyncio.wait_for(child.stdout.readline(), 120)
-        if not line:
-            raise RuntimeError("the exporters' process exited before connecting")
-        result["connect_s"] = json.loads(line)["connect_s"]
-        deadline = time.perf_counter() + 30
-        while collector.stats.sessions_open < args.exporters:
-            if time.perf_counter() > deadline:
-                raise RuntimeError(f"{collector.stats.sessions_open} sessions open")
-            await asyncio.sleep(0.01)
+        await benchkit.wait_for_sessions(collector, args.exporters)
 
         gc.collect()
-        rss_before = _peak_rss_mb()
-        cpu0, t0 = _cpu_seconds(), time.perf_counter()
+        rss_before = benchkit.peak_rss_mb()
+        cpu0, t0 = benchkit.cpu_seconds(), time.perf_counter()
         gc.callbacks.append(gc_timer)
         if profile is not None:
             profile.enable()
-        child.stdin.write(b"go\n")
-        await child.stdin.drain()
+        await benchkit.send_go(child)
         try:
             await asyncio.wait_for(done.wait(), INTAKE_TIMEOUT)
         except TimeoutError:
@@ -490,6 +386,7 @@ async def _run_aggregator(args: argparse.Namespace) -> dict[str, Any]:
             result["all_exported_s"] = time.perf_counter() - t0
             result["exported"] = store.stats.exported
             result["export_passes"] = list(passes)
+        assert child.stdout is not None
         line = await asyncio.wait_for(child.stdout.readline(), 120)
         result["exporters"] = json.loads(line) if line else {"error": "no report"}
         await child.wait()
@@ -528,38 +425,26 @@ async def _run_aggregator(args: argparse.Namespace) -> dict[str, Any]:
             result["profile"] = _profile_text(profile)
         return result
     finally:
-        if child is not None and child.returncode is None:
-            child.kill()
-            await child.wait()
+        await benchkit.stop_child(child)
         if run_task is not None:
             stop.set()
             await run_task  # stops the collector and drains the store (no sink)
         else:
             await collector.stop()
-        result["rss_mb"] = _peak_rss_mb()
+        result["rss_mb"] = benchkit.peak_rss_mb()
 
 
 def intake_in_subprocess(
     mode: str, cert_dir: Path, exporters: int, per_exporter: int, profile: bool = False
 ) -> dict[str, Any]:
-    command = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--role=aggregator",
-        f"--mode={mode}",
+    options = [
         f"--cert-dir={cert_dir}",
         f"--exporters={exporters}",
         f"--per-exporter={per_exporter}",
     ]
     if profile:
-        command.append("--profile")
-    proc = subprocess.run(
-        command, stdout=subprocess.PIPE, text=True, check=False, timeout=INTAKE_TIMEOUT + 300
-    )
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        return {"mode": mode, "error": f"aggregator process exited {proc.returncode}"}
-    return json.loads(lines[-1])
+        options.append("--profile")
+    return benchkit.run_variant(__file__, "aggregator", mode, options, INTAKE_TIMEOUT + 300)
 
 
 # -- 2.-4. the store alone, expiry, the JSON sink ---------------------------------------
@@ -666,13 +551,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cert-dir", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    quick = args.quick
-    if args.exporters is None:
-        args.exporters = 10 if quick else 100
-    if args.per_exporter is None:
-        args.per_exporter = 200 if quick else 1000
-    if args.repeats is None:
-        args.repeats = 1 if quick else 3
+    benchkit.fill_sizes(args, exporters=(10, 100), per_exporter=(200, 1000), repeats=(1, 3))
     if args.exporters < 2 or args.exporters % 2:
         parser.error("--exporters must be an even number >= 2 (exporters pair up as Nodes)")
     if not 2 <= args.per_exporter <= 32767:
@@ -681,12 +560,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    benchkit.log_warnings()
     total = args.exporters * args.per_exporter
     correlated_expected, flows_expected = expected_counts(args.exporters, args.per_exporter)
     print(
-        f"bench_aggregator: Python {platform.python_version()} on {platform.machine()}, "
-        f"{os.cpu_count()} CPUs; {args.exporters} exporters x {args.per_exporter} records = "
+        f"bench_aggregator: {benchkit.machine()}; "
+        f"{args.exporters} exporters x {args.per_exporter} records = "
         f"{total:,} records of template {antrea.EXPORTER_TEMPLATE_ID_IPV4}, "
         f"{correlated_expected * 2:,} of them inter-node halves "
         f"({correlated_expected:,} flows to correlate, {flows_expected:,} flows in all)"
@@ -810,17 +689,17 @@ def main(args: argparse.Namespace) -> int:
 
     head = intake["aggregator"]
     summary = {
-        "intake_records_per_s": _round(ok("aggregator", "rate")),
+        "intake_records_per_s": maybe_round(ok("aggregator", "rate")),
         "store_add_records_per_s": round(store["add_rate"]),
         "export_records_per_s": round(store["expire_rate"]),
         "correlated": head.get("store", {}).get("correlated"),
-        "rss_mb": _round(head.get("rss_mb")),
-        "rss_mb_at_last_record": _round(head.get("rss_intake_mb")),
+        "rss_mb": maybe_round(head.get("rss_mb")),
+        "rss_mb_at_last_record": maybe_round(head.get("rss_intake_mb")),
         "intake_records_per_cpu_s": (
             None if "cpu_s" not in head or "error" in head else round(rate(total, head["cpu_s"]))
         ),
-        "intake_without_loop_records_per_s": _round(ok("intake", "rate")),
-        "collector_only_records_per_s": _round(ok("collector", "rate")),
+        "intake_without_loop_records_per_s": maybe_round(ok("intake", "rate")),
+        "collector_only_records_per_s": maybe_round(ok("collector", "rate")),
         "aggregator_cpu_s": None if "cpu_s" not in head else round(head["cpu_s"], 2),
         "json_sink_records_per_s": round(sink["rate"]),
         "json_sink_dropped": drops,
@@ -831,17 +710,5 @@ def main(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _round(value: float | None) -> int | None:
-    return None if value is None else round(value)
-
-
 if __name__ == "__main__":
-    _args = parse_args()
-    if _args.role == "exporters":
-        asyncio.run(_run_exporters_child(_args))
-    elif _args.role == "aggregator":
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
-        _result = asyncio.run(_run_aggregator(_args))
-        print(json.dumps(_result), flush=True)
-    else:
-        sys.exit(main(_args))
+    benchkit.dispatch(parse_args(), main, _run_exporters_child, "aggregator", _run_aggregator)

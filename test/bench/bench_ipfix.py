@@ -25,20 +25,18 @@ import argparse
 import asyncio
 import gc
 import json
-import logging
-import os
-import platform
 import random
-import resource
 import shutil
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import benchkit
+from benchkit import GOAL_INTAKE, INTAKE_TIMEOUT, fmt_rate, maybe_round, rate, versus
 
 from antrea_flow.ipfix import antrea
 from antrea_flow.ipfix.address import TransportAddress
@@ -53,17 +51,15 @@ from antrea_flow.ipfix.messages import (
     template_messages,
 )
 from antrea_flow.ipfix.templates import Template
-from antrea_flow.tls import CertificateAuthority, client_context, server_context, write_pem_files
+from antrea_flow.tls import CertificateAuthority, server_context, write_pem_files
 
 GOAL_ENCODE = 200_000
 GOAL_DECODE = 100_000
-GOAL_INTAKE = 67_000  # go-ipfix BenchmarkMultipleExportersToCollector: 100k records in 1.5 s
 GO_IPFIX_RSS_MB = 252
 IPFIX_PORT = 4739
 EXPORT_TIME = 1_700_000_000
 # The largest UDP payload an IPv4 datagram can carry (65535 - 20 - 8).
 MAX_UDP4_PAYLOAD = 65_507
-INTAKE_TIMEOUT = 300.0
 
 
 # -- records ----------------------------------------------------------------------------
@@ -107,16 +103,7 @@ def record_values(rng: random.Random, i: int) -> list[Any]:
         "" if external else f"k8s-node-worker-{(i + kind) % 4}",  # destinationNodeName
         80 if with_service else 0,  # destinationServicePort
         "backend/web:http" if with_service else "",  # destinationServicePortName
-        "allow-frontend-to-web" if ingress else "",  # ingressNetworkPolicyName
-        "backend" if ingress else "",  # ingressNetworkPolicyNamespace
-        1 if ingress else 0,  # ingressNetworkPolicyType: K8s NetworkPolicy
-        "ingress-rule-0" if ingress else "",  # ingressNetworkPolicyRuleName
-        1 if ingress else 0,  # ingressNetworkPolicyRuleAction: allow
-        "egress-default-deny" if egress else "",  # egressNetworkPolicyName
-        "frontend" if egress else "",  # egressNetworkPolicyNamespace
-        2 if egress else 0,  # egressNetworkPolicyType: Antrea NetworkPolicy
-        "egress-rule-1" if egress else "",  # egressNetworkPolicyRuleName
-        1 if egress else 0,  # egressNetworkPolicyRuleAction
+        *benchkit.policy_values(ingress, egress, "egress-default-deny"),  # ingress...egress
         "ESTABLISHED" if i % 7 else "TIME_WAIT",  # tcpState
         (1, 2, 2, 3)[kind],  # flowType
         "10.96.0.10" if with_service else "0.0.0.0",  # destinationClusterIPv4
@@ -161,16 +148,8 @@ def best_of(repeats: int, fn) -> tuple[float, Any]:
     return best, result
 
 
-def rate(count: int, seconds: float) -> float:
-    return count / seconds if seconds > 0 else float("inf")
-
-
 def row(label: str, value: float, note: str = "") -> None:
     print(f"   {label:<30}{fmt_rate(value)}  {note}".rstrip())
-
-
-def fmt_rate(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:>12,.0f} records/s"
 
 
 # -- 1. encode and pack -----------------------------------------------------------------
@@ -344,59 +323,6 @@ def make_certificates(directory: Path) -> None:
     write_pem_files(directory / "client", ca, client)
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak RSS in MiB.
-
-    VmHWM rather than getrusage's ru_maxrss: Linux carries ru_maxrss across exec, and
-    subprocess spawns with vfork, so a child started by a big parent would report the
-    parent's peak (this script's encode/decode data) as its own.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _make_exporters(port: int, certs: Path, count: int) -> list[ExportingProcess]:
-    ctx = client_context(
-        certs / "client" / "ca.crt", certs / "client" / "tls.crt", certs / "client" / "tls.key"
-    )
-    address = TransportAddress("127.0.0.1", port, "tls")
-    templates = antrea.exporter_templates()
-    return [
-        ExportingProcess(
-            address,
-            templates,
-            observation_domain_id=i + 1,
-            ssl_context=ctx,
-            max_queue_records=1 << 20,
-        )
-        for i in range(count)
-    ]
-
-
-async def _connect(exporters: list[ExportingProcess], timeout: float = 60.0) -> float:
-    t0 = time.perf_counter()
-    for exporter in exporters:
-        exporter.start()
-    deadline = t0 + timeout
-    while not all(e.stats.connected for e in exporters):
-        if time.perf_counter() > deadline:
-            up = sum(e.stats.connected for e in exporters)
-            raise RuntimeError(f"only {up} of {len(exporters)} exporters connected in {timeout}s")
-        await asyncio.sleep(0.01)
-    return time.perf_counter() - t0
-
-
 async def _queue_records(exporters: list[ExportingProcess], per_exporter: int) -> None:
     """Each exporter queues its records; the loop runs between exporters so sending starts
     while the others are still encoding, as with concurrent exporters."""
@@ -411,31 +337,10 @@ async def _queue_records(exporters: list[ExportingProcess], per_exporter: int) -
 
 
 async def _run_exporters_child(args: argparse.Namespace) -> None:
-    """--role exporters: connect, say 'ready', wait for 'go', send, report, exit."""
-    exporters = _make_exporters(args.port, Path(args.certs), args.exporters)
-    connect_s = await _connect(exporters)
-    loop = asyncio.get_running_loop()
-    print(json.dumps({"ready": True, "connect_s": connect_s}), flush=True)
-    line = await loop.run_in_executor(None, sys.stdin.readline)
-    if line.strip() != "go":
-        raise SystemExit(f"expected 'go', got {line!r}")
-    cpu0, t0 = _cpu_seconds(), time.perf_counter()
-    await _queue_records(exporters, args.per_exporter)
-    idle = await asyncio.gather(*(e.wait_idle(INTAKE_TIMEOUT) for e in exporters))
-    elapsed, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
-    sent = sum(e.stats.records_sent for e in exporters)
-    await asyncio.gather(*(e.stop() for e in exporters))
-    print(
-        json.dumps(
-            {
-                "sent": sent,
-                "all_idle": all(idle),
-                "elapsed_s": elapsed,
-                "cpu_s": cpu,
-                "rss_mb": _peak_rss_mb(),
-            }
-        ),
-        flush=True,
+    """--role exporters: on 'go', each exporter queues its share of the value pool."""
+    exporters = benchkit.make_exporters(args.port, Path(args.certs) / "client", args.exporters)
+    await benchkit.run_exporters_child(
+        exporters, lambda ready: _queue_records(ready, args.per_exporter)
     )
 
 
@@ -463,36 +368,24 @@ async def _run_intake(args: argparse.Namespace) -> dict[str, Any]:
     exporters: list[ExportingProcess] = []
     try:
         if args.mode == "same":
-            exporters = _make_exporters(collector.port, certs, args.exporters)
-            result["connect_s"] = await _connect(exporters)
+            exporters = benchkit.make_exporters(collector.port, certs / "client", args.exporters)
+            result["connect_s"] = await benchkit.connect(exporters)
         else:
-            child = await asyncio.create_subprocess_exec(
-                sys.executable,
-                os.path.abspath(__file__),
-                "--role=exporters",
-                f"--port={collector.port}",
-                f"--certs={certs}",
-                f"--exporters={args.exporters}",
-                f"--per-exporter={args.per_exporter}",
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
+            child, result["connect_s"] = await benchkit.start_exporters_child(
+                __file__,
+                collector.port,
+                [
+                    f"--certs={certs}",
+                    f"--exporters={args.exporters}",
+                    f"--per-exporter={args.per_exporter}",
+                ],
             )
-            assert child.stdout is not None and child.stdin is not None
-            line = await asyncio.wait_for(child.stdout.readline(), 120)
-            if not line:
-                raise RuntimeError("the exporters' process exited before connecting")
-            result["connect_s"] = json.loads(line)["connect_s"]
-        deadline = time.perf_counter() + 30
-        while collector.stats.sessions_open < args.exporters:
-            if time.perf_counter() > deadline:
-                raise RuntimeError(f"{collector.stats.sessions_open} sessions open")
-            await asyncio.sleep(0.01)
+        await benchkit.wait_for_sessions(collector, args.exporters)
 
         gc.collect()
-        cpu0, t0 = _cpu_seconds(), time.perf_counter()
+        cpu0, t0 = benchkit.cpu_seconds(), time.perf_counter()
         if child is not None:
-            child.stdin.write(b"go\n")
-            await child.stdin.drain()
+            await benchkit.send_go(child)
         else:
             await _queue_records(exporters, args.per_exporter)
             result["last_queued_s"] = time.perf_counter() - t0
@@ -502,10 +395,11 @@ async def _run_intake(args: argparse.Namespace) -> dict[str, Any]:
             result["error"] = f"collector saw {state['records']} of {total} records"
             return result
         elapsed = state["t_end"] - t0
-        result["cpu_s"] = _cpu_seconds() - cpu0
+        result["cpu_s"] = benchkit.cpu_seconds() - cpu0
         result["elapsed_s"] = elapsed
         result["rate"] = rate(total, elapsed)
         if child is not None:
+            assert child.stdout is not None
             line = await asyncio.wait_for(child.stdout.readline(), 60)
             result["exporters"] = json.loads(line)
             await child.wait()
@@ -522,35 +416,16 @@ async def _run_intake(args: argparse.Namespace) -> dict[str, Any]:
             result["error"] = f"collector stats: {result['collector']}, records {stats.records}"
         return result
     finally:
-        if child is not None and child.returncode is None:
-            child.kill()
-            await child.wait()
+        await benchkit.stop_child(child)
         await collector.stop()
-        result["rss_mb"] = _peak_rss_mb()
+        result["rss_mb"] = benchkit.peak_rss_mb()
 
 
 def intake_in_subprocess(
     mode: str, certs: Path, exporters: int, per_exporter: int
 ) -> dict[str, Any]:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--role=intake",
-            f"--mode={mode}",
-            f"--certs={certs}",
-            f"--exporters={exporters}",
-            f"--per-exporter={per_exporter}",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        check=False,
-        timeout=INTAKE_TIMEOUT + 240,
-    )
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        return {"mode": mode, "error": f"intake process exited {proc.returncode}"}
-    return json.loads(lines[-1])
+    options = [f"--certs={certs}", f"--exporters={exporters}", f"--per-exporter={per_exporter}"]
+    return benchkit.run_variant(__file__, "intake", mode, options, INTAKE_TIMEOUT + 240)
 
 
 # -- main -------------------------------------------------------------------------------
@@ -570,31 +445,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--certs", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    quick = args.quick
-    if args.records is None:
-        args.records = 20_000 if quick else 200_000
-    if args.exporters is None:
-        args.exporters = 10 if quick else 100
-    if args.per_exporter is None:
-        args.per_exporter = 200 if quick else 1000
-    if args.repeats is None:
-        args.repeats = 1 if quick else 3
+    benchkit.fill_sizes(
+        args,
+        records=(20_000, 200_000),
+        exporters=(10, 100),
+        per_exporter=(200, 1000),
+        repeats=(1, 3),
+    )
     return args
 
 
-def versus(value: float | None, goal: float) -> str:
-    if value is None:
-        return ""
-    return f"(goal >= {goal:,.0f}: {'met' if value >= goal else 'NOT met'}, {value / goal:.2f}x)"
-
-
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    benchkit.log_warnings()
     n = args.records
     template = antrea.exporter_templates()[0]
     print(
-        f"bench_ipfix: Python {platform.python_version()} on {platform.machine()}, "
-        f"{os.cpu_count()} CPUs, template {template.template_id} "
+        f"bench_ipfix: {benchkit.machine()}, template {template.template_id} "
         f"({len(template.fields)} fields), {n:,} records, best of {args.repeats}"
     )
     if args.quick:
@@ -716,29 +582,17 @@ def main(args: argparse.Namespace) -> int:
         "pack_records_per_s": round(enc["pack"]),
         "decode_records_per_s": round(dec_big),
         "tshark_records_per_s": None if tshark_rate is None else round(tshark_rate),
-        "intake_tls_records_per_s_same_process": _round(ok("same", "rate")),
-        "intake_tls_records_per_s_separate_exporters": _round(ok("separate", "rate")),
-        "rss_mb": _round(intake["same"].get("rss_mb")),
-        "tshark_fields_records_per_s": _round(tshark_fields_rate),
+        "intake_tls_records_per_s_same_process": maybe_round(ok("same", "rate")),
+        "intake_tls_records_per_s_separate_exporters": maybe_round(ok("separate", "rate")),
+        "rss_mb": maybe_round(intake["same"].get("rss_mb")),
+        "tshark_fields_records_per_s": maybe_round(tshark_fields_rate),
         "decode_udp_records_per_s": round(dec_udp),
-        "rss_mb_collector_only": _round(intake["separate"].get("rss_mb")),
+        "rss_mb_collector_only": maybe_round(intake["separate"].get("rss_mb")),
     }
     print()
     print(json.dumps(summary))
     return 1 if failed else 0
 
 
-def _round(value: float | None) -> int | None:
-    return None if value is None else round(value)
-
-
 if __name__ == "__main__":
-    _args = parse_args()
-    if _args.role == "exporters":
-        asyncio.run(_run_exporters_child(_args))
-    elif _args.role == "intake":
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
-        _result = asyncio.run(_run_intake(_args))
-        print(json.dumps(_result), flush=True)
-    else:
-        sys.exit(main(_args))
+    benchkit.dispatch(parse_args(), main, _run_exporters_child, "intake", _run_intake)

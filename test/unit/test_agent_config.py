@@ -3,35 +3,14 @@ name the file, the key, the value and the accepted form."""
 
 import logging
 import os
-import textwrap
 
 import pytest
+from agentkit import config_error
 
 from antrea_flow.configfile import ConfigError
 from antrea_flow.errors import UsageError
 from antrea_flow.exporter.config import load_agent_config
 from antrea_flow.ipfix.address import TransportAddress
-
-
-@pytest.fixture
-def write(tmp_path):
-    def write(text, name="antrea-agent.conf"):
-        path = tmp_path / name
-        path.write_text(textwrap.dedent(text), encoding="utf-8")
-        return path
-
-    return write
-
-
-def config_error(path):
-    """The message of the ConfigError loading `path` raises; it must be one line."""
-    with pytest.raises(ConfigError) as info:
-        load_agent_config(path)
-    message = str(info.value)
-    assert "\n" not in message, message
-    assert str(path) in message, message
-    return message
-
 
 # -- defaults ----------------------------------------------------------------------------
 

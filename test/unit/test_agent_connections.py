@@ -2,11 +2,22 @@
 connections after a metadata change, counting filtered entries once, and end-of-flow
 exports of idle-exported, vanished and born-dying connections."""
 
-import socket
-
 import pytest
+from agentkit import (
+    ACTIVE,
+    ESTABLISHED,
+    IDLE,
+    TIME_WAIT,
+    ZONE,
+    deltas,
+    metadata_store,
+    node,
+    pod,
+    poll,
+)
+from agentkit import counted_entry as entry
 
-from antrea_flow.conntrack.parser import IPS_DYING, TCP_STATES, Dump, Entry
+from antrea_flow.conntrack.parser import IPS_DYING, TCP_STATES
 from antrea_flow.exporter.connections import (
     END_ACTIVE,
     END_IDLE,
@@ -14,43 +25,9 @@ from antrea_flow.exporter.connections import (
     ConnectionStore,
 )
 from antrea_flow.exporter.enrich import FLOW_TYPE_TO_EXTERNAL, Enricher
-from antrea_flow.k8s.stores import MetadataStore
 
-ACTIVE, IDLE = 60.0, 15.0
-ZONE = 65520
-ESTABLISHED = TCP_STATES.index("ESTABLISHED")
-TIME_WAIT = TCP_STATES.index("TIME_WAIT")
 CLOSE = TCP_STATES.index("CLOSE")
 FIN_WAIT = TCP_STATES.index("FIN_WAIT")
-
-
-def ip(text):
-    return socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
-
-
-def entry(
-    pkts=1,
-    octets=100,
-    rpkts=1,
-    roctets=60,
-    *,
-    src="10.10.1.5",
-    dst="10.10.1.6",
-    sport=40000,
-    dport=8080,
-    proto=6,
-    tcp=ESTABLISHED,
-    status=0,
-    mark=0x2,
-    ct_id=1,
-    stop_ns=0,
-    zone=ZONE,
-):
-    return Entry(
-        proto, ip(src), ip(dst), sport, dport, ip(dst), ip(src), dport, sport, zone, status,
-        mark, b"", pkts, octets, rpkts, roctets, 1_000_000_000_000, stop_ns,
-        tcp if proto == 6 else -1, ct_id,
-    )  # fmt: skip
 
 
 class CountingEnrich:
@@ -71,41 +48,14 @@ def make_store(enrich=lambda e: "meta", **kwargs):
     return store, counting
 
 
-def poll(store, entries, now):
-    store.update(Dump.of(entries), now)
-
-
-def deltas(export):
-    return (
-        export.packet_delta,
-        export.octet_delta,
-        export.reverse_packet_delta,
-        export.reverse_octet_delta,
+def cluster():
+    return metadata_store(
+        [node("node-1", "10.10.1.0/24"), pod("default", "web", "node-1", "10.10.1.6")]
     )
 
 
-def cluster():
-    metadata = MetadataStore()
-    metadata.replace(
-        [
-            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"},
-             "spec": {"podCIDRs": ["10.10.1.0/24"]}},
-            {"apiVersion": "v1", "kind": "Pod",
-             "metadata": {"namespace": "default", "name": "web"},
-             "spec": {"nodeName": "node-1"}, "status": {"podIPs": [{"ip": "10.10.1.6"}]}},
-        ]
-    )  # fmt: skip
-    return metadata
-
-
 def late_pod():
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"namespace": "default", "name": "late"},
-        "spec": {"nodeName": "node-1"},
-        "status": {"podIPs": [{"ip": "10.10.1.9"}]},
-    }
+    return pod("default", "late", "node-1", "10.10.1.9")
 
 
 # -- forget_skipped ----------------------------------------------------------------------

@@ -3,25 +3,20 @@ deduplicated by 5-tuple, with the denying rule from the packet mark, idle and ac
 a token bucket, and records that carry the denying rule's action."""
 
 import dataclasses
-import socket
 import struct
 import threading
 
 import pytest
+from agentkit import ip, metadata_store
 
 from antrea_flow.exporter.connections import END_ACTIVE, END_OF_FLOW
 from antrea_flow.exporter.deny import BadPacket, DenyStore, packet_key
 from antrea_flow.exporter.enrich import FLOW_TYPE_INTER_NODE, FLOW_TYPE_INTRA_NODE, Enricher
 from antrea_flow.exporter.records import flow_record
 from antrea_flow.ipfix.antrea import EXPORTER_TEMPLATE_ID_IPV4, EXPORTER_TEMPLATE_ID_IPV6
-from antrea_flow.k8s.stores import MetadataStore
 from antrea_flow.lab.cluster import ISOLATION_INGRESS_ID, build_cluster, default_objects
 
 # -- packets ------------------------------------------------------------------------------
-
-
-def ip(text):
-    return socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
 
 
 def tcp(sport, dport, data=b""):
@@ -210,9 +205,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def metadata(cluster):
-    store = MetadataStore()
-    store.replace(cluster.inventory()["items"])
-    return store
+    return metadata_store(cluster.inventory()["items"])
 
 
 def rule_id_of(cluster, policy, name):

@@ -1,30 +1,10 @@
 """The deny keys of the agent config: denyQueue (an NFQUEUE number, absent = not listening)
 and denyRecordRate (denied packets recorded per second)."""
 
-import textwrap
-
 import pytest
+from agentkit import config_error
 
-from antrea_flow.configfile import ConfigError
 from antrea_flow.exporter.config import load_agent_config
-
-
-@pytest.fixture
-def write(tmp_path):
-    def write(text):
-        path = tmp_path / "antrea-agent.conf"
-        path.write_text(textwrap.dedent(text), encoding="utf-8")
-        return path
-
-    return write
-
-
-def error_of(path):
-    with pytest.raises(ConfigError) as info:
-        load_agent_config(path)
-    message = str(info.value)
-    assert "\n" not in message and str(path) in message, message
-    return message
 
 
 def test_defaults(write):
@@ -68,7 +48,7 @@ def test_deny_record_rate_values(write, rate):
     ],
 )
 def test_bad_values_name_key_value_and_form(write, text, problem):
-    message = error_of(write(text + "\n"))
+    message = config_error(write(text + "\n"))
     key, _, value = text.partition(": ")
     assert key in message
     assert problem in message
@@ -78,7 +58,7 @@ def test_bad_values_name_key_value_and_form(write, text, problem):
 
 
 def test_misspelt_key_suggests_the_right_one(write):
-    message = error_of(write("denyQeue: 1\n"))
+    message = config_error(write("denyQeue: 1\n"))
     assert "denyQeue" in message and "denyQueue" in message
 
 

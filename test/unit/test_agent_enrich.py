@@ -2,11 +2,11 @@
 and NetworkPolicy rules, as upstream's flow exporter computes them."""
 
 import json
-import socket
+from functools import partial
 
 import pytest
+from agentkit import conntrack_entry, labels, metadata_store, node, pod
 
-from antrea_flow.conntrack.parser import TCP_STATES, Entry
 from antrea_flow.exporter.enrich import (
     FLOW_TYPE_FROM_EXTERNAL,
     FLOW_TYPE_INTER_NODE,
@@ -14,30 +14,7 @@ from antrea_flow.exporter.enrich import (
     FLOW_TYPE_TO_EXTERNAL,
     Enricher,
 )
-from antrea_flow.k8s.stores import RULE_IDS_ANNOTATION, MetadataStore
-
-ESTABLISHED = TCP_STATES.index("ESTABLISHED")
-ZONE = 65520
-
-
-def ip(text):
-    return socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
-
-
-def node(name, *cidrs):
-    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
-            "spec": {"podCIDRs": list(cidrs)}}  # fmt: skip
-
-
-def pod(namespace, name, node_name, *ips):
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"namespace": namespace, "name": name},
-        "spec": {"nodeName": node_name},
-        "status": {"podIPs": [{"ip": i} for i in ips]},
-    }
-
+from antrea_flow.k8s.stores import RULE_IDS_ANNOTATION
 
 OBJECTS = [
     node("node-1", "10.10.1.0/24", "fd00:10:10:1::/64"),
@@ -79,9 +56,7 @@ OBJECTS = [
 
 @pytest.fixture
 def store():
-    s = MetadataStore()
-    s.replace(OBJECTS)
-    return s
+    return metadata_store(OBJECTS)
 
 
 @pytest.fixture
@@ -89,48 +64,8 @@ def enrich(store):
     return Enricher(store, "node-1")
 
 
-def labels(ingress=0, egress=0):
-    return bytes(8) + egress.to_bytes(4, "big") + ingress.to_bytes(4, "big")
-
-
-def entry(
-    src,
-    dst,
-    *,
-    sport=40000,
-    dport=8080,
-    service=None,
-    proto=6,
-    mark=0x2,
-    ct_labels=b"",
-    ct_id=1,
-):
-    """An entry for src:sport -> dst:dport; `service` is the (address, port) dialled when
-    dst:dport is the backend it was DNATed to."""
-    orig_dst, orig_dport = service or (dst, dport)
-    return Entry(
-        proto,
-        ip(src),
-        ip(orig_dst),
-        sport,
-        orig_dport,
-        ip(dst),
-        ip(src),
-        dport,
-        sport,
-        ZONE,
-        0,
-        mark,
-        ct_labels,
-        1,
-        100,
-        1,
-        60,
-        1_000_000_000,
-        0,
-        ESTABLISHED if proto == 6 else -1,
-        ct_id,
-    )
+# Counters and start time matter to no enrichment test.
+entry = partial(conntrack_entry, counters=(1, 100, 1, 60), start_ns=1_000_000_000)
 
 
 # -- flowType ----------------------------------------------------------------------------
@@ -223,8 +158,7 @@ def test_no_local_pod_at_either_end_is_not_a_flow(enrich, src, dst):
 
 
 def test_pod_cidr_that_is_not_byte_aligned():
-    store = MetadataStore()
-    store.replace(
+    store = metadata_store(
         [
             node("node-1", "10.20.16.0/20"),
             node("node-2", "10.20.32.0/20"),

@@ -2,11 +2,25 @@
 templates (256 IPv4, 257 IPv6), and their round trip through the template codec."""
 
 import json
-import socket
+from functools import partial
 
 import pytest
+from agentkit import (
+    ACTIVE,
+    ESTABLISHED,
+    IDLE,
+    TIME_WAIT,
+    ZONE,
+    conntrack_entry,
+    ip,
+    labels,
+    metadata_store,
+    node,
+    pod,
+    poll,
+)
 
-from antrea_flow.conntrack.parser import IPS_DYING, TCP_STATES, Dump, Entry
+from antrea_flow.conntrack.parser import IPS_DYING, TCP_STATES
 from antrea_flow.exporter.connections import (
     END_ACTIVE,
     END_IDLE,
@@ -23,35 +37,12 @@ from antrea_flow.ipfix.antrea import (
     exporter_element_names,
     exporter_templates,
 )
-from antrea_flow.k8s.stores import RULE_IDS_ANNOTATION, MetadataStore, PodInfo, PolicyRule
+from antrea_flow.k8s.stores import RULE_IDS_ANNOTATION, PodInfo, PolicyRule
 
-ZONE = 65520
-ACTIVE, IDLE = 60.0, 15.0
 T0 = 1_700_000_000.0  # the clock at the first poll
 START_NS = 1_699_999_990_500_000_000  # conntrack's start timestamp: 9.5s before T0
-ESTABLISHED = TCP_STATES.index("ESTABLISHED")
-TIME_WAIT = TCP_STATES.index("TIME_WAIT")
 TEMPLATES = {t.template_id: t for t in exporter_templates()}
 NODE = "node-1"
-
-
-def ip(text):
-    return socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
-
-
-def node(name, *cidrs):
-    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
-            "spec": {"podCIDRs": list(cidrs)}}  # fmt: skip
-
-
-def pod(namespace, name, node_name, *ips):
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"namespace": namespace, "name": name},
-        "spec": {"nodeName": node_name},
-        "status": {"podIPs": [{"ip": i} for i in ips]},
-    }
 
 
 OBJECTS = [
@@ -91,44 +82,17 @@ OBJECTS = [
 ]
 
 
-def labels(ingress=0, egress=0):
-    return bytes(8) + egress.to_bytes(4, "big") + ingress.to_bytes(4, "big")
-
-
-def entry(
-    src,
-    dst,
-    counters=(10, 1000, 8, 800),
-    *,
-    sport=40000,
-    dport=8080,
-    service=None,
-    proto=6,
-    tcp=ESTABLISHED,
-    status=0,
-    mark=0x2,
-    ct_labels=b"",
-    ct_id=1,
-    stop_ns=0,
-):
-    orig_dst, orig_dport = service or (dst, dport)
-    return Entry(
-        proto, ip(src), ip(orig_dst), sport, orig_dport, ip(dst), ip(src), dport, sport,
-        ZONE, status, mark, ct_labels, *counters, START_NS, stop_ns,
-        tcp if proto == 6 else -1, ct_id,
-    )  # fmt: skip
+entry = partial(conntrack_entry, start_ns=START_NS)
 
 
 @pytest.fixture
 def store():
-    metadata = MetadataStore()
-    metadata.replace(OBJECTS)
-    return ConnectionStore(Enricher(metadata, NODE), ACTIVE, IDLE, ZONE)
+    return ConnectionStore(Enricher(metadata_store(OBJECTS), NODE), ACTIVE, IDLE, ZONE)
 
 
 def only_export(store, entries, now):
     """Poll `entries` at T0 and export what is due at `now`."""
-    store.update(Dump.of(entries), T0)
+    poll(store, entries, T0)
     (export,) = store.expire(now)
     return export
 
@@ -286,9 +250,8 @@ def test_udp_record_has_an_empty_tcp_state(store):
 
 
 def test_time_wait_connection_ends_with_reason_3_and_its_state_name(store):
-    store.update(Dump.of([entry("10.10.1.5", "10.10.1.6", (5, 500, 4, 400))]), T0)
-    store.update(Dump.of([entry("10.10.1.5", "10.10.1.6", (7, 700, 6, 600), tcp=TIME_WAIT)]),
-                 T0 + 5)  # fmt: skip
+    poll(store, [entry("10.10.1.5", "10.10.1.6", (5, 500, 4, 400))], T0)
+    poll(store, [entry("10.10.1.5", "10.10.1.6", (7, 700, 6, 600), tcp=TIME_WAIT)], T0 + 5)
     (export,) = store.expire(T0 + 5)
     template_id, record = flow_record(export, NODE)
     assert record["flowEndReason"] == END_OF_FLOW == 3
@@ -301,7 +264,7 @@ def test_time_wait_connection_ends_with_reason_3_and_its_state_name(store):
 def test_dying_udp_connection_ends_at_the_kernels_stop_time(store):
     stop_ns = int((T0 + 3.75) * 1e9)
     e = entry("10.10.1.5", "10.10.1.6", proto=17, dport=53, status=IPS_DYING, stop_ns=stop_ns)
-    store.update(Dump.of([e]), T0 + 5)
+    poll(store, [e], T0 + 5)
     (export,) = store.expire(T0 + 5)
     template_id, record = flow_record(export, NODE)
     assert record["flowEndReason"] == 3
@@ -311,12 +274,12 @@ def test_dying_udp_connection_ends_at_the_kernels_stop_time(store):
 
 def test_totals_and_deltas_across_exports(store):
     a = ("10.10.1.5", "10.10.1.6")
-    store.update(Dump.of([entry(*a, (10, 1000, 8, 800))]), T0)
+    poll(store, [entry(*a, (10, 1000, 8, 800))], T0)
     now = T0
     for step in range(1, 12):  # traffic every 5s keeps it active
         now = T0 + 5 * step
-        store.update(Dump.of([entry(*a, (10 + step, 1000 + 100 * step, 8, 800))]), now)
-    store.update(Dump.of([entry(*a, (30, 3000, 9, 900))]), T0 + 59)
+        poll(store, [entry(*a, (10 + step, 1000 + 100 * step, 8, 800))], now)
+    poll(store, [entry(*a, (30, 3000, 9, 900))], T0 + 59)
     (first,) = store.expire(T0 + ACTIVE)
     _, record = flow_record(first, NODE)
     assert record["flowEndReason"] == END_ACTIVE == 2
@@ -324,7 +287,7 @@ def test_totals_and_deltas_across_exports(store):
     assert (record["packetTotalCount"], record["packetDeltaCount"]) == (30, 30)
     assert (record["reverseOctetTotalCount"], record["reverseOctetDeltaCount"]) == (900, 900)
 
-    store.update(Dump.of([entry(*a, (50, 5500, 12, 1000))]), T0 + 65)
+    poll(store, [entry(*a, (50, 5500, 12, 1000))], T0 + 65)
     (second,) = store.expire(T0 + 65 + IDLE)
     template_id, record = flow_record(second, NODE)
     assert record["flowEndReason"] == END_IDLE

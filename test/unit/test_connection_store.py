@@ -1,71 +1,16 @@
 """Connection store rules, with explicit times instead of sleeping."""
 
-import socket
-
 import pytest
+from agentkit import ACTIVE, ESTABLISHED, IDLE, TIME_WAIT, ZONE, deltas, ip
+from agentkit import counted_entry as entry
 
-from antrea_flow.conntrack.parser import IPS_DYING, TCP_STATES, Dump, Entry
+from antrea_flow.conntrack.parser import IPS_DYING, TCP_STATES, Dump
 from antrea_flow.exporter.connections import (
     END_ACTIVE,
     END_IDLE,
     END_OF_FLOW,
     ConnectionStore,
 )
-
-ACTIVE, IDLE = 60.0, 15.0
-ZONE = 65520
-ESTABLISHED = TCP_STATES.index("ESTABLISHED")
-TIME_WAIT = TCP_STATES.index("TIME_WAIT")
-
-
-def ip(text):
-    return socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
-
-
-def entry(
-    pkts=1,
-    octets=100,
-    rpkts=1,
-    roctets=60,
-    *,
-    src="10.10.1.5",
-    dst="10.10.1.6",
-    sport=40000,
-    dport=8080,
-    service=None,
-    proto=6,
-    tcp=ESTABLISHED,
-    status=0,
-    mark=0x2,
-    ct_id=1,
-    start_ns=1_000_000_000_000,
-    stop_ns=0,
-    zone=ZONE,
-):
-    orig_dst, orig_dport = service or (dst, dport)
-    return Entry(
-        proto,
-        ip(src),
-        ip(orig_dst),
-        sport,
-        orig_dport,
-        ip(dst),
-        ip(src),
-        dport,
-        sport,
-        zone,
-        status,
-        mark,
-        b"",
-        pkts,
-        octets,
-        rpkts,
-        roctets,
-        start_ns,
-        stop_ns,
-        tcp if proto == 6 else -1,
-        ct_id,
-    )
 
 
 def make_store(**kwargs):
@@ -92,15 +37,6 @@ class TestStore(ConnectionStore):
 
     def by_key(self, key):
         return next((c for c in self if c.key == key), None)
-
-
-def deltas(export):
-    return (
-        export.packet_delta,
-        export.octet_delta,
-        export.reverse_packet_delta,
-        export.reverse_octet_delta,
-    )
 
 
 def test_key_is_the_five_tuple_after_dnat_and_enrichment_sees_the_service_address():

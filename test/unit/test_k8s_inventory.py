@@ -2,10 +2,10 @@
 
 import logging
 import os
-import socket
 import textwrap
 
 import pytest
+from agentkit import ip
 
 from antrea_flow.k8s.inventory import InventoryError, InventoryFileSource, read_inventory
 from antrea_flow.k8s.stores import MetadataStore
@@ -53,10 +53,6 @@ items:
   spec: {nodeName: node-2}
   status: {podIP: 10.10.2.8}
 """
-
-
-def ip(text):
-    return socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
 
 
 class Inventory:

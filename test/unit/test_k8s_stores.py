@@ -2,9 +2,9 @@
 
 import json
 import logging
-import socket
 
 import pytest
+from agentkit import ip
 
 from antrea_flow.k8s.stores import (
     RULE_IDS_ANNOTATION,
@@ -13,10 +13,6 @@ from antrea_flow.k8s.stores import (
     PolicyRule,
     ServiceInfo,
 )
-
-
-def ip(text):
-    return socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
 
 
 def node(name, *cidrs, address="192.168.77.10"):
