@@ -33,6 +33,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..ipfix.antrea import KUBERNETES_CONTEXT_ELEMENTS
+
 FLOW_TYPE_INTER_NODE = 2
 ACTION_DROP = 2
 ACTION_REJECT = 3
@@ -40,26 +42,9 @@ END_OF_FLOW = 3
 
 # Filled from whichever half carries them; never overwritten with an empty value.
 IDENTITY_FIELDS = (
-    "sourcePodName",
-    "sourcePodNamespace",
-    "sourceNodeName",
-    "destinationPodName",
-    "destinationPodNamespace",
-    "destinationNodeName",
+    *KUBERNETES_CONTEXT_ELEMENTS,
     "destinationClusterIPv4",
     "destinationClusterIPv6",
-    "destinationServicePort",
-    "destinationServicePortName",
-    "ingressNetworkPolicyName",
-    "ingressNetworkPolicyNamespace",
-    "ingressNetworkPolicyType",
-    "ingressNetworkPolicyRuleName",
-    "ingressNetworkPolicyRuleAction",
-    "egressNetworkPolicyName",
-    "egressNetworkPolicyNamespace",
-    "egressNetworkPolicyType",
-    "egressNetworkPolicyRuleName",
-    "egressNetworkPolicyRuleAction",
 )
 _EMPTY = (None, "", 0, "0.0.0.0", "::")
 SIDES = ("SourceNode", "DestinationNode")

@@ -7,6 +7,28 @@ from .templates import Template
 EXPORTER_TEMPLATE_ID_IPV4 = 256
 EXPORTER_TEMPLATE_ID_IPV6 = 257
 
+# The Pod, Service and NetworkPolicy context an agent adds to a connection's 5-tuple.
+KUBERNETES_CONTEXT_ELEMENTS = (
+    "sourcePodName",
+    "sourcePodNamespace",
+    "sourceNodeName",
+    "destinationPodName",
+    "destinationPodNamespace",
+    "destinationNodeName",
+    "destinationServicePort",
+    "destinationServicePortName",
+    "ingressNetworkPolicyName",
+    "ingressNetworkPolicyNamespace",
+    "ingressNetworkPolicyType",
+    "ingressNetworkPolicyRuleName",
+    "ingressNetworkPolicyRuleAction",
+    "egressNetworkPolicyName",
+    "egressNetworkPolicyNamespace",
+    "egressNetworkPolicyType",
+    "egressNetworkPolicyRuleName",
+    "egressNetworkPolicyRuleAction",
+)
+
 
 def exporter_element_names(ipv6: bool) -> list[str]:
     """Every exporter IE of Antrea's flow visibility tables, in the upstream agent's order."""
@@ -28,24 +50,7 @@ def exporter_element_names(ipv6: bool) -> list[str]:
         "reverseOctetTotalCount",
         "reversePacketDeltaCount",
         "reverseOctetDeltaCount",
-        "sourcePodName",
-        "sourcePodNamespace",
-        "sourceNodeName",
-        "destinationPodName",
-        "destinationPodNamespace",
-        "destinationNodeName",
-        "destinationServicePort",
-        "destinationServicePortName",
-        "ingressNetworkPolicyName",
-        "ingressNetworkPolicyNamespace",
-        "ingressNetworkPolicyType",
-        "ingressNetworkPolicyRuleName",
-        "ingressNetworkPolicyRuleAction",
-        "egressNetworkPolicyName",
-        "egressNetworkPolicyNamespace",
-        "egressNetworkPolicyType",
-        "egressNetworkPolicyRuleName",
-        "egressNetworkPolicyRuleAction",
+        *KUBERNETES_CONTEXT_ELEMENTS,
         "tcpState",
         "flowType",
         f"destinationCluster{family}",
