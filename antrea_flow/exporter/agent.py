@@ -191,8 +191,11 @@ class Agent:
                     try:
                         await loop.run_in_executor(None, self.poll)
                     except OSError as exc:
-                        # A failed dump must not look like every connection ended.
+                        # A failed dump must not look like every connection ended. The
+                        # next poll opens a fresh socket: this one may be closed or still
+                        # hold the rest of the broken dump.
                         self.polls_failed += 1
+                        self._close_dumper()
                         log.warning("conntrack poll failed: %s; retrying next interval", exc)
                     next_poll += interval
                     if next_poll <= self.clock():  # fell behind: skip, do not burst
@@ -212,8 +215,12 @@ class Agent:
                 await loop.run_in_executor(None, self.poll)
             self.export_due(drain=True)
             await self.exporter.stop()
-            if self._dumper is not None:
-                self._dumper.close()
+            self._close_dumper()
+
+    def _close_dumper(self) -> None:
+        if self._dumper is not None:
+            self._dumper.close()
+            self._dumper = None
 
     # -- metrics ---------------------------------------------------------------------------
 
@@ -229,6 +236,11 @@ class Agent:
             "antrea_agent_conntrack_antrea_connection_count",
             "Connections in the agent's connection store.",
             len(self.store),
+        )
+        yield counter(
+            "antrea_agent_conntrack_poll_failures_total",
+            "Conntrack polls whose dump failed (the store kept its connections).",
+            self.polls_failed,
         )
         yield gauge(
             "antrea_agent_conntrack_max_connection_count",

@@ -602,6 +602,7 @@ def test_metrics_endpoint(fresh, inventory_file):
     assert store_size <= total <= table_max
     assert one(scraped, "antrea_agent_conntrack_max_connection_count") == table_max
     assert one(scraped, "antrea_agent_denied_connection_count") == 0
+    assert one(scraped, "antrea_agent_conntrack_poll_failures_total") == 0
     assert one(scraped, "antrea_agent_flow_collector_reconnection_count") == 1
     buckets = scraped["antrea_agent_conntrack_poll_cycle_duration_seconds_bucket"]
     bounds = {dict(labels)["le"] for labels in buckets}
@@ -653,6 +654,35 @@ def test_deleted_entry_ends_its_flow(fresh, inventory_file):
     assert [r["flowEndReason"] for r in records] == [END_OF_FLOW]
     assert_deltas_add_up(records)
     assert records[0]["octetTotalCount"] > 3000 and records[0]["reverseOctetTotalCount"] > 3000
+
+
+def test_failed_poll_keeps_connections_and_the_next_poll_recovers(fresh, inventory_file):
+    async def scenario():
+        async with running_agent(fresh, inventory_file) as h:
+            client = await in_thread(fresh.tcp_client, SERVER_V4, nodenet.TCP_PORT)
+            await in_thread(client.send, 3000)
+            await h.wait_polls(1)
+            # The netlink socket breaks under the agent: the next dump fails.
+            h.agent._dumper.close()
+            await eventually(lambda: h.agent.polls_failed >= 1, "a failed poll", EXPORT_WAIT)
+            await in_thread(client.send, 2000)
+            records = await h.wait_flow(
+                TCP,
+                client.port,
+                lambda rs: bool(rs) and rs[-1]["octetTotalCount"] > 5000,
+                "a record counting the bytes sent after the failure",
+            )
+            failures = h.agent.registry.get_sample_value(
+                "antrea_agent_conntrack_poll_failures_total"
+            )
+            await in_thread(client.close)
+            return records, failures, h.agent.polls_failed
+
+    records, failures, polls_failed = run(scenario())
+    assert polls_failed == 1  # one failure, then a fresh socket: no failure after it
+    assert failures == 1
+    assert all(r["flowEndReason"] != END_OF_FLOW for r in records)
+    assert_deltas_add_up(records)
 
 
 def test_inventory_reload_picks_up_a_new_pod(fresh, tmp_path):
