@@ -23,7 +23,3 @@ class LogOnce:
             self._seen.add(key)
         self._logger.log(level if first else logging.DEBUG, msg, *args)
         return first
-
-    def forget(self, key: Hashable) -> None:
-        """Report `key` again next time (e.g. after the condition cleared)."""
-        self._seen.discard(key)

@@ -53,7 +53,6 @@ class CollectorStats:
     malformed: Counter[str] = field(default_factory=Counter)  # by reason
     refused: Counter[str] = field(default_factory=Counter)  # TLS peers refused, by reason
     lost_records: int = 0  # missing according to sequence numbers
-    templates_expired: int = 0
     handler_errors: int = 0
 
 
@@ -253,7 +252,7 @@ class _DatagramEndpoint(asyncio.DatagramProtocol):
         """Expire unrefreshed templates and forget sessions silent for a template lifetime."""
         timeout = self.collector.udp_template_timeout
         for key, (_, decoder) in list(self.sessions.items()):
-            self.collector.stats.templates_expired += decoder.expire_templates(now)
+            decoder.expire_templates(now)
             if now - self.last_seen[key] >= timeout:
                 del self.sessions[key]
                 del self.last_seen[key]
