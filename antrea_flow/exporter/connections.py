@@ -13,7 +13,8 @@ Semantics follow Antrea's flow exporter:
   table) are exported once with reason 3. Better than upstream, that export happens on the
   poll that notices the end rather than at the connection's next timeout, and a dying entry
   still in the table is remembered, not re-created, until it leaves the table.
-- A min-heap on min(active expiry, idle expiry) says when the next export is due.
+- A min-heap on min(active expiry, idle expiry) says when the next export is due. The
+  connections one poll creates share their deadline and so one heap entry.
 
 Each poll is applied as a difference: the dump is joined with the previous one by conntrack
 id in numpy, and only new, changed and vanished entries reach Python. An unchanged
@@ -90,6 +91,15 @@ class StoreStats:
     exported: Counter[int] = field(default_factory=Counter)  # records by flowEndReason
 
 
+class _Expiry(NamedTuple):
+    """The times a poll gives the connections it creates."""
+
+    now: float
+    active: float  # their active expiry
+    idle: float  # their idle expiry
+    first: float  # the earlier of the two: their heap deadline
+
+
 class _Previous:
     """What the last poll saw, sorted by conntrack id: enough to tell what changed."""
 
@@ -148,7 +158,9 @@ class ConnectionStore:
         self.stats = StoreStats()
         self._by_id: dict[int, Connection] = {}
         self._previous = _Previous()
-        self._heap: list[tuple[float, int, Connection]] = []
+        # (deadline, sequence, connections due then); a connection is due at an entry only
+        # while its heap_deadline equals the entry's deadline
+        self._heap: list[tuple[float, int, list[Connection]]] = []
         self._sequence = itertools.count()
 
     def __len__(self) -> int:
@@ -226,27 +238,33 @@ class ConnectionStore:
 
         new = ~known
         eligible = (new & self._eligible(cols, order, new)) | recheck
-        created: list[int] = []
-        refused: list[int] = []
         positions = np.flatnonzero(eligible)
         enrich = self.enrich
+        add = self._add
+        active, idle = now + self.active_timeout, now + self.idle_timeout
+        expiry = _Expiry(now, active, idle, min(active, idle))
+        fresh: list[Connection] = []
+        refused: list[int] = []  # indexes into positions
         # In chunks, so a full table's first poll never holds all its entries at once.
         for first in range(0, len(positions), _CHUNK):
             chunk = positions[first : first + _CHUNK]
-            for position, entry in zip(chunk.tolist(), dump.entries(order[chunk]), strict=True):
+            for index, entry in enumerate(dump.entries(order[chunk]), first):
                 meta = enrich(entry)
                 if meta is None:
-                    refused.append(position)
+                    refused.append(index)
                 else:
-                    self._add(entry, meta, now)
-                    created.append(position)
-        first_refusals = len(refused) - int(recheck[refused].sum()) if refused else 0
+                    add(entry, meta, expiry, fresh)
+        if fresh:
+            heapq.heappush(self._heap, (expiry.first, next(self._sequence), fresh))
+        was_refused = np.zeros(len(ids), bool)
+        was_refused[positions[refused]] = True
+        was_created = np.zeros(len(ids), bool)
+        was_created[positions] = True
+        was_created &= ~was_refused
+        self.stats.created += len(positions) - len(refused)
+        first_refusals = int((was_refused & ~recheck).sum())
         if first_refusals:
             self.stats.filtered["no_local_pod"] += first_refusals
-        was_created = np.zeros(len(ids), bool)
-        was_created[created] = True
-        was_refused = np.zeros(len(ids), bool)
-        was_refused[refused] = True
 
         state = _Previous()
         state.ids, state.packets, state.reverse_packets = ids, packets, reverse_packets
@@ -293,13 +311,14 @@ class ConnectionStore:
         if _is_dying(entry):
             self._end(conn, now, entry)
 
-    def _add(self, entry: Entry, meta: Any, now: float) -> None:
+    def _add(self, entry: Entry, meta: Any, expiry: _Expiry, fresh: list[Connection]) -> None:
+        """A new connection; a live one joins `fresh`, the poll's shared heap entry."""
         # Runs for every new connection: one tuple unpack instead of a dozen field lookups,
-        # positional arguments.
+        # positional arguments, expiry times shared by the whole poll.
         (proto, orig_src, _, orig_sport, _, reply_src, _, reply_sport, _, _, status, _, _,
          packets, octets, reverse_packets, reverse_octets, start_ns, stop_ns, tcp_state,
          conn_id) = entry  # fmt: skip
-        start = start_ns / 1e9 if start_ns else now
+        now = expiry.now
         conn = Connection(
             conn_id,
             (orig_src, reply_src, proto, orig_sport, reply_sport),
@@ -309,17 +328,17 @@ class ConnectionStore:
             reverse_packets,
             reverse_octets,
             tcp_state,
-            start,
+            start_ns / 1e9 if start_ns else now,
             now,
-            now + self.active_timeout,
-            now + self.idle_timeout,
+            expiry.active,
+            expiry.idle,
         )
         self._by_id[conn_id] = conn
-        self.stats.created += 1
         if status & IPS_DYING or tcp_state in (TCP_TIME_WAIT, TCP_CLOSE):
             self._end(conn, now, entry)
         else:
-            self._schedule(conn, min(conn.active_expire, conn.idle_expire))
+            conn.heap_deadline = expiry.first
+            fresh.append(conn)
 
     def _end(self, conn: Connection, now: float, entry: Entry | None, gone: bool = False) -> None:
         """The connection ended: export it with reason 3 on the next export round."""
@@ -341,12 +360,12 @@ class ConnectionStore:
         if conn.heap_deadline is not None and conn.heap_deadline <= deadline:
             return
         conn.heap_deadline = deadline
-        heapq.heappush(self._heap, (deadline, next(self._sequence), conn))
+        heapq.heappush(self._heap, (deadline, next(self._sequence), [conn]))
 
     def next_expiry(self) -> float | None:
         """When the next export is due (None with nothing to export)."""
         heap = self._heap
-        while heap and heap[0][2].heap_deadline != heap[0][0]:
+        while heap and all(conn.heap_deadline != heap[0][0] for conn in heap[0][2]):
             heapq.heappop(heap)
         return heap[0][0] if heap else None
 
@@ -355,25 +374,26 @@ class ConnectionStore:
         out = []
         heap = self._heap
         while heap and heap[0][0] <= now:
-            deadline, _, conn = heapq.heappop(heap)
-            if conn.heap_deadline != deadline:
-                continue  # stale: superseded by an earlier entry
-            conn.heap_deadline = None
-            if conn.dying:
-                out.append(self._export(conn, END_OF_FLOW))
-                conn.finished = True
-                if conn.gone and self._by_id.get(conn.ct_id) is conn:
-                    del self._by_id[conn.ct_id]
-                continue
-            due = min(conn.active_expire, conn.idle_expire)
-            if due > now:
-                self._schedule(conn, due)  # its idle expiry moved on since it was queued
-            elif conn.idle_expire <= now:
-                out.append(self._export(conn, END_IDLE))  # waits for new activity
-            else:
-                out.append(self._export(conn, END_ACTIVE))
-                conn.active_expire = now + self.active_timeout
-                self._schedule(conn, min(conn.active_expire, conn.idle_expire))
+            deadline, _, connections = heapq.heappop(heap)
+            for conn in connections:
+                if conn.heap_deadline != deadline:
+                    continue  # stale: superseded by an earlier entry
+                conn.heap_deadline = None
+                if conn.dying:
+                    out.append(self._export(conn, END_OF_FLOW))
+                    conn.finished = True
+                    if conn.gone and self._by_id.get(conn.ct_id) is conn:
+                        del self._by_id[conn.ct_id]
+                    continue
+                due = min(conn.active_expire, conn.idle_expire)
+                if due > now:
+                    self._schedule(conn, due)  # its idle expiry moved on since it was queued
+                elif conn.idle_expire <= now:
+                    out.append(self._export(conn, END_IDLE))  # waits for new activity
+                else:
+                    out.append(self._export(conn, END_ACTIVE))
+                    conn.active_expire = now + self.active_timeout
+                    self._schedule(conn, min(conn.active_expire, conn.idle_expire))
         return out
 
     def drain(self) -> list[Export]:

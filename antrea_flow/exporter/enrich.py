@@ -102,7 +102,7 @@ class Enricher:
         # Everything below depends on the endpoints, the Service bit and rule labels, and
         # on the destination port only when a Service is involved.
         (proto, orig_src, orig_dst, _, orig_dport, reply_src, _, reply_sport, _, _, _, mark,
-         labels, *_) = entry  # fmt: skip
+         labels) = entry[:13]  # fmt: skip
         service_bit = mark & SERVICE_CT_MARK
         service = service_bit or orig_dst != reply_src or orig_dport != reply_sport
         memo_key = (

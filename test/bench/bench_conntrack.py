@@ -181,7 +181,7 @@ def agent_role(ns: str, inventory_file: str, cpu_seconds: float) -> None:
                 "raw_dump_seconds": raw,
                 "agent_first_poll_seconds": first,
                 "agent_steady_poll_seconds": steady,
-                "cpu_share_percent": 100.0 * cpu / wall,
+                "cpu_share_percent": 100.0 * cpu / wall if polls else None,
                 "cpu_polls": polls,
                 "rss_mb": rss_mb(),
                 "rss_mb_before_poll": rss_before,
@@ -253,10 +253,11 @@ def main() -> int:
             f"  agent {label:<29} {value:7.3f} s  ({value / cli:.2f}x conntrack -L, "
             f"{value / n * 1e6:.2f} us/entry)"
         )
-    print(
-        f"  agent CPU share at a 5 s poll       {agent['cpu_share_percent']:6.1f} % of one core "
-        f"({agent['cpu_polls']} polls)"
-    )
+    if agent["cpu_share_percent"] is not None:
+        print(
+            f"  agent CPU share at a 5 s poll       {agent['cpu_share_percent']:6.1f} % of one "
+            f"core ({agent['cpu_polls']} polls)"
+        )
     print(
         f"  agent RSS with {agent['stored']} connections: {agent['rss_mb']:.0f} MB "
         f"(before the first poll {agent['rss_mb_before_poll']:.0f} MB)"
@@ -272,7 +273,8 @@ def main() -> int:
                 "agent_first_poll_seconds": round(agent["agent_first_poll_seconds"], 4),
                 "conntrack_cli_seconds": round(cli, 4),
                 "raw_dump_seconds": round(agent["raw_dump_seconds"], 4),
-                "cpu_share_percent": round(agent["cpu_share_percent"], 2),
+                "cpu_share_percent": agent["cpu_share_percent"]
+                and round(agent["cpu_share_percent"], 2),
                 "agent_rss_mb": round(agent["rss_mb"], 1),
             }
         )

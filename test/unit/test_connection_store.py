@@ -186,6 +186,24 @@ def test_min_heap_orders_exports_by_earliest_expiry():
     assert store.next_expiry() == 12 + IDLE
 
 
+def test_connections_created_by_one_poll_share_a_deadline_until_each_moves_on():
+    store = make_store()
+    store.update([entry(1, 100, sport=1000 + i, ct_id=i) for i in range(3)], now=0)
+    store.update([entry(1, 100, sport=1002, ct_id=2)], now=5)  # 0 and 1 left the table
+    ended = store.expire(now=5)
+    assert sorted(e.connection.ct_id for e in ended) == [0, 1]
+    assert store.next_expiry() == IDLE  # connection 2 is still due at the shared deadline
+    store.update([entry(2, 200, sport=1002, ct_id=2)], now=6)  # active again: moves on
+    assert store.expire(now=IDLE) == []
+    assert store.next_expiry() == 6 + IDLE
+    (idle,) = store.expire(now=6 + IDLE)
+    assert (idle.connection.ct_id, idle.reason) == (2, END_IDLE)
+    store.update([], now=30)
+    (end,) = store.expire(now=30)
+    assert (end.connection.ct_id, end.reason) == (2, END_OF_FLOW)
+    assert store.next_expiry() is None
+
+
 def test_filters_zone_protocol_uncommitted_and_enrichment_runs_once():
     store = make_store(protocol_filter=("tcp",))
     entries = [
