@@ -16,9 +16,9 @@ Semantics follow Antrea's flow exporter:
 - A min-heap on min(active expiry, idle expiry) says when the next export is due. The
   connections one poll creates share their deadline and so one heap entry.
 
-Each poll is applied as a difference: the dump is joined with the previous one by conntrack
-id in numpy, and only new, changed and vanished entries reach Python. An unchanged
-connection costs nothing per poll, which is what makes large tables cheap.
+Each poll is applied as a difference: the dump is joined with the previous one by entry
+handle (below) in numpy, and only new, changed and vanished entries reach Python. An
+unchanged connection costs nothing per poll, which is what makes large tables cheap.
 
 All timing uses the `now` the caller passes (from an injectable clock).
 """
@@ -50,7 +50,7 @@ CONN_SOURCE_MASK = 0xF
 
 @dataclass(slots=True, eq=False)
 class Connection:
-    ct_id: int
+    handle: int  # its key in the store: the conntrack id and more (see `handles`)
     key: tuple  # (source, destination, protocol, source port, destination port), after DNAT
     meta: Any  # enrichment (Pods, the Service dialled, rules), computed once when first seen
     packets: int
@@ -91,6 +91,22 @@ class StoreStats:
     exported: Counter[int] = field(default_factory=Counter)  # records by flowEndReason
 
 
+def handles(columns: dict[str, np.ndarray]) -> np.ndarray:
+    """Per entry, what tells conntrack entries apart across polls. The kernel's id is a
+    32-bit hash (of the entry's address and tuple): live entries can share one (about one
+    pair in 100k), and an entry reallocated for the same tuple gets the old id back. The
+    low half mixes in the start timestamp and the ports, which differ in both cases."""
+    ports = (columns["orig_sport"] << 16) | columns["reply_sport"]
+    low = (columns["start_ns"] ^ ports) & 0xFFFFFFFF
+    return (columns["id"].astype(np.uint64) << np.uint64(32)) | low.astype(np.uint64)
+
+
+def handle(entry: Entry) -> int:
+    """`handles` for one entry."""
+    ports = (entry.orig_sport << 16) | entry.reply_sport
+    return (entry.id << 32) | ((entry.start_ns ^ ports) & 0xFFFFFFFF)
+
+
 class _Expiry(NamedTuple):
     """The times a poll gives the connections it creates."""
 
@@ -115,7 +131,7 @@ class _Previous:
     )
 
     def __init__(self, size: int = 0):
-        self.ids = np.zeros(size, np.int64)
+        self.ids = np.zeros(size, np.uint64)  # entry handles
         self.packets = np.zeros(size, np.int64)
         self.reverse_packets = np.zeros(size, np.int64)
         self.tcp_state = np.zeros(size, np.int64)
@@ -156,7 +172,7 @@ class ConnectionStore:
             None if protocol_filter is None else [PROTOCOLS[p] for p in protocol_filter]
         )
         self.stats = StoreStats()
-        self._by_id: dict[int, Connection] = {}
+        self._by_handle: dict[int, Connection] = {}
         self._previous = _Previous()
         # (deadline, sequence, connections due then); a connection is due at an entry only
         # while its heap_deadline equals the entry's deadline
@@ -164,10 +180,10 @@ class ConnectionStore:
         self._sequence = itertools.count()
 
     def __len__(self) -> int:
-        return len(self._by_id)
+        return len(self._by_handle)
 
     def __iter__(self) -> Iterator[Connection]:
-        return iter(self._by_id.values())
+        return iter(self._by_handle.values())
 
     def forget_skipped(self) -> None:
         """Re-examine skipped entries on the next poll (the metadata changed: a connection
@@ -193,8 +209,9 @@ class ConnectionStore:
         self.stats.polls += 1
         self.stats.entries = len(dump)
         cols = dump.columns
-        order = np.argsort(cols["id"], kind="stable")
-        ids = cols["id"][order]
+        keys = handles(cols)
+        order = np.argsort(keys, kind="stable")
+        ids = keys[order]
         packets = cols["orig_packets"][order]
         reverse_packets = cols["reply_packets"][order]
         tcp_state = cols["tcp_state"][order]
@@ -223,16 +240,16 @@ class ConnectionStore:
             known = tracked = changed = skipped = recheck = np.zeros(len(ids), bool)
             gone = []
 
-        for conn_id in gone:
-            conn = self._by_id.get(conn_id)
+        for key in gone:
+            conn = self._by_handle.get(key)
             if conn is not None:
                 if conn.finished:
-                    del self._by_id[conn_id]
+                    del self._by_handle[key]
                 else:
                     self._end(conn, now, None, gone=True)
 
         for entry in dump.entries(order[changed]):
-            conn = self._by_id.get(entry.id)
+            conn = self._by_handle.get(handle(entry))
             if conn is not None and not conn.dying:
                 self._observe(conn, entry, now)
 
@@ -317,10 +334,11 @@ class ConnectionStore:
         # positional arguments, expiry times shared by the whole poll.
         (proto, orig_src, _, orig_sport, _, reply_src, _, reply_sport, _, _, status, _, _,
          packets, octets, reverse_packets, reverse_octets, start_ns, stop_ns, tcp_state,
-         conn_id) = entry  # fmt: skip
+         _) = entry  # fmt: skip
         now = expiry.now
+        key = handle(entry)
         conn = Connection(
-            conn_id,
+            key,
             (orig_src, reply_src, proto, orig_sport, reply_sport),
             meta,
             packets,
@@ -333,7 +351,7 @@ class ConnectionStore:
             expiry.active,
             expiry.idle,
         )
-        self._by_id[conn_id] = conn
+        self._by_handle[key] = conn
         if status & IPS_DYING or tcp_state in (TCP_TIME_WAIT, TCP_CLOSE):
             self._end(conn, now, entry)
         else:
@@ -382,8 +400,8 @@ class ConnectionStore:
                 if conn.dying:
                     out.append(self._export(conn, END_OF_FLOW))
                     conn.finished = True
-                    if conn.gone and self._by_id.get(conn.ct_id) is conn:
-                        del self._by_id[conn.ct_id]
+                    if conn.gone and self._by_handle.get(conn.handle) is conn:
+                        del self._by_handle[conn.handle]
                     continue
                 due = min(conn.active_expire, conn.idle_expire)
                 if due > now:
@@ -400,7 +418,7 @@ class ConnectionStore:
         """On shutdown: every connection with something not yet exported (ended ones with
         reason 3, live ones with reason 2), so stopping the agent loses no counts."""
         out = []
-        for conn in self._by_id.values():
+        for conn in self._by_handle.values():
             if conn.dying and not conn.finished:
                 out.append(self._export(conn, END_OF_FLOW))
                 conn.finished = True

@@ -68,6 +68,11 @@ def poll(store, entries, now):
     store.update(Dump.of(entries), now)
 
 
+def ct_id(connection):
+    """The conntrack id of a stored connection (the high half of its handle)."""
+    return connection.handle >> 32
+
+
 def deltas(export):
     """An export's (packets, bytes, reply packets, reply bytes) since the previous one."""
     return (

@@ -9,6 +9,7 @@ from agentkit import (
     IDLE,
     TIME_WAIT,
     ZONE,
+    ct_id,
     deltas,
     metadata_store,
     node,
@@ -95,7 +96,7 @@ def test_forget_skipped_does_not_re_enrich_tracked_or_filtered_entries():
     store.forget_skipped()
     poll(store, entries, now=5)
     assert sorted(enrich.asked) == [1, 3, 3]  # only the skipped one again
-    assert [c.ct_id for c in store] == [1]
+    assert [ct_id(c) for c in store] == [1]
     assert store.stats.filtered["zone"] == 1
 
 
@@ -293,6 +294,6 @@ def test_many_born_dying_connections_are_all_exported_in_one_round():
     entries += [entry(1, 100, sport=i, ct_id=i) for i in range(51, 101)]
     poll(store, entries, now=0)
     ends = store.expire(now=0)
-    assert sorted(e.connection.ct_id for e in ends) == list(range(1, 51))
+    assert sorted(ct_id(e.connection) for e in ends) == list(range(1, 51))
     assert {e.reason for e in ends} == {END_OF_FLOW}
     assert store.next_expiry() == IDLE

@@ -1,7 +1,7 @@
 """Connection store rules, with explicit times instead of sleeping."""
 
 import pytest
-from agentkit import ACTIVE, ESTABLISHED, IDLE, TIME_WAIT, ZONE, deltas, ip
+from agentkit import ACTIVE, ESTABLISHED, IDLE, TIME_WAIT, ZONE, ct_id, deltas, ip
 from agentkit import counted_entry as entry
 
 from antrea_flow.conntrack.parser import IPS_DYING, TCP_STATES, Dump
@@ -168,8 +168,31 @@ def test_reused_five_tuple_ends_the_old_connection_first():
     exports = store.expire(now=5)
     assert [(e.reason, deltas(e)[:2]) for e in exports] == [(END_OF_FLOW, (5, 500))]
     (fresh,) = store.expire(now=5 + IDLE)
-    assert fresh.connection.ct_id == 2
+    assert ct_id(fresh.connection) == 2
     assert deltas(fresh)[:2] == (2, 200)  # its own first delta, not against the old one
+
+
+def test_live_entries_sharing_a_conntrack_id_stay_two_connections():
+    # The kernel's id is a 32-bit hash: in a full table some live entries share one.
+    store = make_store()
+    store.update([entry(1, 100, sport=1000), entry(5, 500, sport=2000)], now=0)
+    store.update([entry(2, 200, sport=1000), entry(5, 500, sport=2000)], now=5)
+    assert len(store) == 2
+    exports = store.expire(now=5 + IDLE)
+    by_port = {e.connection.key[3]: deltas(e)[:2] for e in exports}
+    assert by_port == {1000: (2, 200), 2000: (5, 500)}
+    assert all(e.reason == END_IDLE for e in exports)
+
+
+def test_an_entry_reallocated_with_the_same_id_and_tuple_is_a_new_connection():
+    # Same slab slot and tuple give the same id; the start timestamp tells them apart.
+    store = make_store()
+    store.update([entry(50, 5000, start_ns=1_000_000_000)], now=0)
+    store.update([entry(2, 200, start_ns=6_000_000_000)], now=6)
+    (ended,) = store.expire(now=6)
+    assert (ended.reason, deltas(ended)[:2]) == (END_OF_FLOW, (50, 5000))
+    (fresh,) = store.expire(now=6 + IDLE)
+    assert deltas(fresh)[:2] == (2, 200)
 
 
 def test_min_heap_orders_exports_by_earliest_expiry():
@@ -182,7 +205,7 @@ def test_min_heap_orders_exports_by_earliest_expiry():
         )
     assert store.next_expiry() == IDLE
     first = store.expire(now=IDLE)
-    assert sorted(e.connection.ct_id for e in first) == [0, 1, 2]
+    assert sorted(ct_id(e.connection) for e in first) == [0, 1, 2]
     assert store.next_expiry() == 12 + IDLE
 
 
@@ -191,16 +214,16 @@ def test_connections_created_by_one_poll_share_a_deadline_until_each_moves_on():
     store.update([entry(1, 100, sport=1000 + i, ct_id=i) for i in range(3)], now=0)
     store.update([entry(1, 100, sport=1002, ct_id=2)], now=5)  # 0 and 1 left the table
     ended = store.expire(now=5)
-    assert sorted(e.connection.ct_id for e in ended) == [0, 1]
+    assert sorted(ct_id(e.connection) for e in ended) == [0, 1]
     assert store.next_expiry() == IDLE  # connection 2 is still due at the shared deadline
     store.update([entry(2, 200, sport=1002, ct_id=2)], now=6)  # active again: moves on
     assert store.expire(now=IDLE) == []
     assert store.next_expiry() == 6 + IDLE
     (idle,) = store.expire(now=6 + IDLE)
-    assert (idle.connection.ct_id, idle.reason) == (2, END_IDLE)
+    assert (ct_id(idle.connection), idle.reason) == (2, END_IDLE)
     store.update([], now=30)
     (end,) = store.expire(now=30)
-    assert (end.connection.ct_id, end.reason) == (2, END_OF_FLOW)
+    assert (ct_id(end.connection), end.reason) == (2, END_OF_FLOW)
     assert store.next_expiry() is None
 
 
