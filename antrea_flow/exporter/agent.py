@@ -11,14 +11,16 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Histogram
 
+from ..configfile import ConfigError
 from ..conntrack import netns
 from ..conntrack.netlink import ConntrackDumper
-from ..conntrack.parser import Parser
+from ..conntrack.parser import ParseError, Parser
 from ..errors import UsageError
 from ..ipfix.address import is_ip
 from ..ipfix.antrea import exporter_templates
@@ -26,7 +28,7 @@ from ..ipfix.exporting import ExportingProcess
 from ..k8s.inventory import InventoryError, InventoryFileSource
 from ..k8s.stores import MetadataStore
 from ..metrics import CallbackCollector, counter, gauge, labelled_counter, run_until_signalled
-from ..tls import client_context
+from ..tls import TLSFileError, check_pem_files, client_context
 from .config import AgentConfig, load_agent_config
 from .connections import ConnectionStore
 from .deny import DenyStore
@@ -65,6 +67,19 @@ def enable_accounting(netns_name: str | None) -> None:
             )
 
 
+def _client_context(config: AgentConfig) -> ssl.SSLContext:
+    """The TLS context from tlsCertDir; what is wrong with it is a ConfigError."""
+    try:
+        check_pem_files(*config.tls_files, ("ca.crt", "tls.crt", "tls.key"))
+        return client_context(*config.tls_files)
+    except (TLSFileError, OSError) as exc:  # ssl.SSLError is an OSError
+        raise ConfigError(
+            f"tlsCertDir: {config.tls_cert_dir!r}: {exc}; expected a directory holding the "
+            "PEM files ca.crt, tls.crt and tls.key (Antrea's flow-aggregator-ca ConfigMap and "
+            "flow-aggregator-client-tls Secret)"
+        ) from None
+
+
 class Agent:
     """One node's flow exporter."""
 
@@ -97,7 +112,7 @@ class Agent:
         ssl_context = None
         server_name = None
         if config.collector.protocol == "tls":
-            ssl_context = client_context(*config.tls_files)
+            ssl_context = _client_context(config)
             host = config.collector.host
             server_name = DEFAULT_SERVER_NAME if is_ip(host) else host
         self.exporter = ExportingProcess(
@@ -190,12 +205,14 @@ class Agent:
                     self.refresh_metadata()
                     try:
                         await loop.run_in_executor(None, self.poll)
-                    except OSError as exc:
+                    except (OSError, ParseError) as exc:
                         # A failed dump must not look like every connection ended. The
-                        # next poll opens a fresh socket: this one may be closed or still
-                        # hold the rest of the broken dump.
+                        # next poll starts afresh: this socket may be closed or still hold
+                        # the rest of the broken dump, and the parser may have learnt a
+                        # layout from it.
                         self.polls_failed += 1
                         self._close_dumper()
+                        self._parser = Parser()
                         log.warning("conntrack poll failed: %s; retrying next interval", exc)
                     next_poll += interval
                     if next_poll <= self.clock():  # fell behind: skip, do not burst
@@ -211,7 +228,7 @@ class Agent:
             if self.deny_queue is not None:
                 self.deny_queue.stop()
             # A last look at the table, then what it holds goes out before the exporter closes.
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ParseError):
                 await loop.run_in_executor(None, self.poll)
             self.export_due(drain=True)
             await self.exporter.stop()
@@ -313,7 +330,10 @@ def main(args) -> int:
             raise UsageError(f"--netns {args.netns}: {exc}") from None
         if not os.path.exists(path):
             raise UsageError(f"--netns {args.netns}: no such network namespace (see ip netns)")
-    agent = Agent(config, args.node_name or socket.gethostname(), args.netns)
+    try:
+        agent = Agent(config, args.node_name or socket.gethostname(), args.netns)
+    except ConfigError as exc:
+        raise ConfigError(f"{args.config}: {exc}") from None
     try:
         agent.refresh_metadata()
     except InventoryError as exc:

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from antrea_flow.conntrack.parser import ParseError
 from antrea_flow.exporter.agent import Agent, observation_domain_id
 from antrea_flow.exporter.config import AgentConfig
 from antrea_flow.ipfix.address import TransportAddress
@@ -656,14 +657,26 @@ def test_deleted_entry_ends_its_flow(fresh, inventory_file):
     assert records[0]["octetTotalCount"] > 3000 and records[0]["reverseOctetTotalCount"] > 3000
 
 
-def test_failed_poll_keeps_connections_and_the_next_poll_recovers(fresh, inventory_file):
+def _close_the_netlink_socket(agent):
+    agent._dumper.close()
+
+
+def _feed_the_parser_a_broken_dump(agent):
+    def parse(frames):
+        raise ParseError("attribute of length 2 overruns its container")
+
+    agent._parser.parse = parse
+
+
+@pytest.mark.parametrize("breakage", [_close_the_netlink_socket, _feed_the_parser_a_broken_dump])
+def test_failed_poll_keeps_connections_and_the_next_poll_recovers(fresh, inventory_file, breakage):
     async def scenario():
         async with running_agent(fresh, inventory_file) as h:
             client = await in_thread(fresh.tcp_client, SERVER_V4, nodenet.TCP_PORT)
             await in_thread(client.send, 3000)
             await h.wait_polls(1)
-            # The netlink socket breaks under the agent: the next dump fails.
-            h.agent._dumper.close()
+            # The dump or its parsing breaks under the agent: the next poll fails.
+            breakage(h.agent)
             await eventually(lambda: h.agent.polls_failed >= 1, "a failed poll", EXPORT_WAIT)
             await in_thread(client.send, 2000)
             records = await h.wait_flow(
