@@ -7,37 +7,46 @@ whose output is easy to read and to parse.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import signal
-import ssl
+import socket
 import sys
 from typing import TextIO
 
 from .errors import UsageError
-from .ipfix.address import parse_address
+from .ipfix.address import TransportAddress, parse_address
 from .ipfix.collecting import CollectingProcess, Peer
 from .ipfix.messages import Message
 from .ipfix.render import json_line, message_records, text_line
-from .tls import server_context
+from .tls import TLSFileError, check_pem_files, server_context
 
 log = logging.getLogger(__name__)
+
+
+_TLS_FLAGS = ("ca", "cert", "key")
 
 
 def build_collector(args, out: TextIO) -> CollectingProcess:
     address = parse_address(args.address, default_protocol="tcp", port_required=True, listen=True)
     ssl_context = None
     if address.protocol == "tls":
-        missing = [f"--{n}" for n in ("ca", "cert", "key") if not getattr(args, n)]
+        missing = [f"--{n}" for n in _TLS_FLAGS if not getattr(args, n)]
         if missing:
             raise UsageError(f"--address {args.address} uses tls and needs {', '.join(missing)}")
         try:
-            ssl_context = server_context(args.cert, args.key, args.ca)
-        except (OSError, ssl.SSLError) as exc:
-            raise UsageError(
-                f"cannot load TLS files (--ca {args.ca}, --cert {args.cert}, --key {args.key}): "
-                f"{getattr(exc, 'strerror', None) or exc}"
-                + (f": {exc.filename}" if getattr(exc, "filename", None) else "")
-            ) from None
+            check_pem_files(
+                args.ca, args.cert, args.key, tuple(f"--{n} {getattr(args, n)}" for n in _TLS_FLAGS)
+            )
+        except TLSFileError as exc:
+            raise UsageError(str(exc)) from None
+        ssl_context = server_context(args.cert, args.key, args.ca)
+    elif given := [f"--{n} {getattr(args, n)}" for n in _TLS_FLAGS if getattr(args, n)]:
+        raise UsageError(
+            f"--address {args.address} is {address.protocol}, yet {', '.join(given)} given: "
+            "--ca/--cert/--key need a tls address (HOST:PORT:tls)"
+        )
     render = json_line if args.output == "json" else text_line
 
     def handle(peer: Peer, message: Message) -> None:
@@ -49,8 +58,21 @@ def build_collector(args, out: TextIO) -> CollectingProcess:
     return CollectingProcess(address, handle, ssl_context=ssl_context)
 
 
-async def run(collector: CollectingProcess) -> None:
-    await collector.start()
+def _listen_error(value: str, address: TransportAddress, exc: OSError) -> UsageError:
+    if isinstance(exc, socket.gaierror):
+        return UsageError(f"--address {value}: cannot resolve {address.host!r}: {exc.strerror}")
+    # asyncio wraps bind errors in a sentence that repeats the address; the errno suffices.
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    if exc.errno == errno.EADDRNOTAVAIL:
+        reason += f" ({address.host} is not an address of this host)"
+    return UsageError(f"--address {value}: cannot listen: {reason}")
+
+
+async def run(collector: CollectingProcess, address: str) -> None:
+    try:
+        await collector.start()
+    except OSError as exc:
+        raise _listen_error(address, collector.address, exc) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -74,5 +96,5 @@ async def run(collector: CollectingProcess) -> None:
 
 def main(args) -> int:
     collector = build_collector(args, sys.stdout)
-    asyncio.run(run(collector))
+    asyncio.run(run(collector, args.address))
     return 0

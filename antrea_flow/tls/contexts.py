@@ -5,6 +5,45 @@ from __future__ import annotations
 import os
 import ssl
 
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
+
+class TLSFileError(ValueError):
+    """A CA, certificate or key file that a context cannot use; the message names it."""
+
+
+def check_pem_files(ca: str, cert: str, key: str, labels: tuple[str, str, str] | None = None):
+    """Check the files a context will load, naming the one at fault (OpenSSL's errors name
+    neither file nor role: a key that does not match the certificate is only
+    "KEY_VALUES_MISMATCH"). `labels` name the files in messages (default: their paths)."""
+    ca_label, cert_label, key_label = labels or (ca, cert, key)
+
+    def read(label: str, path: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise TLSFileError(f"{label}: cannot read: {exc.strerror}") from None
+
+    def certificates(label: str, pem: bytes) -> list[x509.Certificate]:
+        try:
+            return x509.load_pem_x509_certificates(pem)
+        except ValueError:
+            raise TLSFileError(f"{label}: not a PEM certificate") from None
+
+    ca_pem, cert_pem, key_pem = read(ca_label, ca), read(cert_label, cert), read(key_label, key)
+    certificates(ca_label, ca_pem)
+    own = certificates(cert_label, cert_pem)[0]  # any further certificates are its chain
+    try:
+        private_key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise TLSFileError(f"{key_label}: not an unencrypted PEM private key") from None
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if private_key.public_key().public_bytes(*spki) != own.public_key().public_bytes(*spki):
+        raise TLSFileError(f"{key_label} does not match the certificate in {cert_label}")
+
 
 def server_context(
     cert_file: str | os.PathLike, key_file: str | os.PathLike, ca_file: str | os.PathLike

@@ -209,24 +209,6 @@ def test_tls_without_certificates_exits_naming_the_missing_flags():
     assert "--ca" in line and "--cert" in line and "--key" in line
 
 
-def test_missing_certificate_file_is_named(tls_material, tmp_path):
-    missing = tmp_path / "nowhere" / "ca.crt"
-    s = tls_material.server
-    result = run_cli(
-        "--address",
-        f"127.0.0.1:{free_port()}:tls",
-        "--ca",
-        str(missing),
-        "--cert",
-        str(s.cert),
-        "--key",
-        str(s.key),
-    )
-    assert result.returncode != 0
-    (line,) = result.stderr.strip().splitlines()
-    assert str(missing) in line, f"the error does not say which file: {line!r}"
-
-
 def test_port_in_use_exits_with_a_one_line_error():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

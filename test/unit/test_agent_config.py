@@ -1,6 +1,7 @@
 """The agent's config file: antrea-agent.conf's flow exporter keys, defaults, and errors that
 name the file, the key, the value and the accepted form."""
 
+import argparse
 import logging
 import os
 
@@ -9,6 +10,7 @@ from agentkit import config_error
 
 from antrea_flow.configfile import ConfigError
 from antrea_flow.errors import UsageError
+from antrea_flow.exporter import agent
 from antrea_flow.exporter.config import load_agent_config
 from antrea_flow.ipfix.address import TransportAddress
 
@@ -214,6 +216,26 @@ def test_tls_files_are_antreas_configmap_and_secret_keys(write, tmp_path):
         os.path.join(certs, "tls.crt"),
         os.path.join(certs, "tls.key"),
     )
+
+
+@pytest.mark.parametrize(
+    "files, problem",
+    [
+        ({}, "ca.crt: cannot read: No such file or directory"),
+        ({"ca.crt": "", "tls.crt": "", "tls.key": ""}, "ca.crt: not a PEM certificate"),
+    ],
+)
+def test_an_unusable_tls_cert_dir_stops_start_up_naming_the_key(write, tmp_path, files, problem):
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    for name, text in files.items():
+        (certs / name).write_text(text)
+    path = write(f"featureGates: {{FlowExporter: true}}\ntlsCertDir: {certs}\n")
+    with pytest.raises(ConfigError) as info:
+        agent.main(argparse.Namespace(config=str(path), netns=None, node_name="node-1"))
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"{path}: tlsCertDir: '{certs}'" in message and problem in message, message
 
 
 # -- a whole antrea-agent.conf -----------------------------------------------------------
