@@ -3,10 +3,10 @@ flowType, computed once when the connection is first seen (as upstream does)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..conntrack.parser import Entry
-from ..k8s.stores import MetadataStore, PodInfo, PolicyRule, unpack_ip
+from ..k8s.stores import ACTION_ALLOW, MetadataStore, PodInfo, PolicyRule, unpack_ip
 
 FLOW_TYPE_INTRA_NODE = 1
 FLOW_TYPE_INTER_NODE = 2
@@ -72,6 +72,7 @@ class Enricher:
         self._local_gateways: frozenset[bytes] = frozenset()
         self._interned: dict[tuple, FlowMeta] = {}
         self._memo: dict[tuple, FlowMeta | None] = {}
+        self._allowing: dict[int, PolicyRule] = {}
 
     def _refresh(self) -> None:
         # Pod subnets and gateway addresses are derived from the Nodes' pod CIDRs; the
@@ -89,6 +90,7 @@ class Enricher:
         self._local_gateways = frozenset(local)
         self._interned = {}
         self._memo = {}
+        self._allowing = {}
         self._version = self.store.version
 
     def local_pod(self, ip: bytes) -> PodInfo | None:
@@ -147,8 +149,8 @@ class Enricher:
             # endian (ct_label bits 0-31 and 32-63 as OVS numbers them).
             ingress_id = int.from_bytes(labels[12:16], "big")
             egress_id = int.from_bytes(labels[8:12], "big")
-            ingress = self.store.rule(ingress_id) if ingress_id else None
-            egress = self.store.rule(egress_id) if egress_id else None
+            ingress = self._allowing_rule(ingress_id)
+            egress = self._allowing_rule(egress_id)
         key = (
             id(source_pod),
             id(destination_pod),
@@ -172,6 +174,18 @@ class Enricher:
                 flow_type,
             )
         return meta
+
+    def _allowing_rule(self, rule_id: int) -> PolicyRule | None:
+        """The rule a conntrack label names. Only allowed connections are committed, so
+        its action in the records is Allow whatever the rule's own (a Pass rule's id, say),
+        as upstream reports it."""
+        rule = self.store.rule(rule_id) if rule_id else None
+        if rule is None or rule.action == ACTION_ALLOW:
+            return rule
+        allowing = self._allowing.get(rule_id)
+        if allowing is None:
+            allowing = self._allowing[rule_id] = replace(rule, action=ACTION_ALLOW)
+        return allowing
 
     def _flow_type(
         self,

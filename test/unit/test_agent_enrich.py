@@ -252,7 +252,9 @@ def test_rules_from_ct_labels_ingress_in_bytes_12_to_15_egress_in_8_to_11(enrich
     assert meta.ingress_rule.action == 1
     assert meta.egress_rule.rule_id == 202
     assert (meta.egress_rule.policy_name, meta.egress_rule.policy_type) == ("egress-control", 3)
-    assert (meta.egress_rule.rule_name, meta.egress_rule.action) == ("egress-1", 2)
+    # A Drop rule's id in the labels still reads Allow: conntrack commits only allowed
+    # connections, and upstream reports every rule from the labels as Allow.
+    assert (meta.egress_rule.rule_name, meta.egress_rule.action) == ("egress-1", 1)
 
 
 def test_rule_ids_are_big_endian(enrich, store):
