@@ -33,13 +33,20 @@ def read_inventory(path: str | os.PathLike) -> list[dict[str, Any]]:
             raise InventoryError(
                 f"inventory {path}: expected Kubernetes objects, got {document!r:.60}"
             )
-        if document.get("kind") == "List" or document.get("kind", "").endswith("List"):
+        kind = document.get("kind")
+        if isinstance(kind, str) and kind.endswith("List"):  # List, PodList, ...
             items = document.get("items") or []
             if not isinstance(items, list):
                 raise InventoryError(f"inventory {path}: items is not a list")
             objects.extend(i for i in items if isinstance(i, dict))
         else:
             objects.append(document)
+    for number, obj in enumerate(objects):
+        if not isinstance(obj.get("metadata", {}), dict):
+            raise InventoryError(
+                f"inventory {path}: object {number} (kind {obj.get('kind')!r}) has metadata "
+                "that is not a mapping"
+            )
     return objects
 
 

@@ -21,6 +21,7 @@ from agentkit import (
 )
 
 from antrea_flow.conntrack.parser import IPS_DYING, TCP_STATES
+from antrea_flow.exporter.agent import observation_domain_id
 from antrea_flow.exporter.connections import (
     END_ACTIVE,
     END_IDLE,
@@ -387,3 +388,12 @@ def test_record_node_name_is_the_agents_node():
                     None, None, 1)  # fmt: skip
     _, record = flow_record(direct_export(meta), "node-7")
     assert record["sourceNodeName"] == record["destinationNodeName"] == "node-7"
+
+
+@pytest.mark.parametrize(
+    "node_name, domain",
+    # FNV-1 (not FNV-1a) 32-bit test vectors: "a" is 0xe40c292c in FNV-1a.
+    [("", 0x811C9DC5), ("a", 0x050C5D7E), ("foobar", 0x31F0B262)],
+)
+def test_observation_domain_id_is_the_fnv1_hash_of_the_node_name(node_name, domain):
+    assert observation_domain_id(node_name) == domain

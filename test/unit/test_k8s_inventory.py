@@ -109,6 +109,8 @@ def test_read_inventory_of_an_empty_file_is_empty(tmp_path):
         "- just\n- a\n- list\n",  # a sequence, not objects
         "just a string\n",
         "kind: List\nitems: {a: 1}\n",  # items is not a list
+        "kind: Pod\nmetadata: 5\n",  # metadata is not a mapping
+        "kind: List\nitems: [{kind: Pod, metadata: [x]}]\n",
     ],
 )
 def test_read_inventory_rejects_what_is_not_kubernetes_objects(tmp_path, text):
@@ -117,6 +119,12 @@ def test_read_inventory_rejects_what_is_not_kubernetes_objects(tmp_path, text):
     with pytest.raises(InventoryError) as info:
         read_inventory(path)
     assert str(path) in str(info.value)
+
+
+def test_objects_without_a_kind_are_objects_not_lists(tmp_path):
+    path = tmp_path / "kindless.yaml"
+    path.write_text("kind:\nmetadata: {name: x}\n---\nkind: 7\nitems: []\n")
+    assert [o["kind"] for o in read_inventory(path)] == [None, 7]
 
 
 def test_read_inventory_of_a_missing_file(tmp_path):
