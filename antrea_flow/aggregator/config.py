@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
 
 from ..configfile import ConfigError, ConfigReader
-from ..ipfix.address import AddressError, TransportAddress, parse_address
+from ..ipfix.address import AddressError, TransportAddress, is_ip, parse_address
 
 log = logging.getLogger(__name__)
 
@@ -15,6 +16,12 @@ DEFAULT_AGGREGATOR_ADDRESS = "flow-aggregator.flow-aggregator.svc"
 # Keys of upstream's flow-aggregator.conf for features antrea-flow does not have.
 _UNSUPPORTED = ("mode", "clickHouse", "s3Uploader", "flowLogger", "flowStreamService", "apiServer")
 _IGNORED = ("recordContents", "clusterID", "recordBufferSize")
+HOST_FORM = "a DNS name or an IP address, e.g. flow-aggregator.example.com, 10.96.5.5 or fd00::5"
+LISTEN_FORM = (
+    "[HOST]:PORT with PORT in 0..65535 and IPv6 hosts in brackets, e.g. :4739, 0.0.0.0:4739 "
+    "or [::]:4739 (the protocol is aggregatorTransportProtocol's)"
+)
+MESSAGE_SIZE_FORM = "0 (automatic) or an integer in 512..65535"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +38,7 @@ class AggregatorConfig:
     observation_domain_id: int
     template_refresh: float
     inventory_file: str = ""  # Pods by IP, to complete records and add Pod labels
+    max_message_size: int | None = None  # of the IPFIX export; None: by transport
 
     @property
     def tls(self) -> bool:
@@ -44,11 +52,37 @@ def _address(reader: ConfigReader, key: str, text: str, **kwargs) -> TransportAd
         raise ConfigError(f"{reader.source}: {reader.prefix}{key}: {exc}") from None
 
 
+def _host(reader: ConfigReader, key: str, text: str) -> str:
+    """A DNS name or an IP address; IPv6 without brackets, as the certificate needs it."""
+    bracketed = text.startswith("[") and text.endswith("]")
+    bare = text[1:-1] if bracketed else text
+    if is_ip(bare) and (":" in bare or not bracketed):
+        return bare
+    # parse_address holds the host-name rules; a bare name parses to itself.
+    with contextlib.suppress(AddressError):
+        if parse_address(text, default_protocol="tcp").host == text:
+            return text
+    raise reader.error(key, text, "is not a DNS name or an IP address", HOST_FORM)
+
+
+def _message_size(section: ConfigReader) -> int | None:
+    """flowCollector.maxIPFIXMsgSize: None (0, upstream's default) leaves it to the transport."""
+    key = "maxIPFIXMsgSize"
+    with contextlib.suppress(ConfigError):
+        size = section.integer(key, 0, 0, 65535)
+        if size == 0:
+            return None
+        if size >= 512:
+            return size
+    raise section.error(key, section.values[key], "is not allowed", MESSAGE_SIZE_FORM)
+
+
 def load_aggregator_config(path: str | os.PathLike) -> AggregatorConfig:
     reader = ConfigReader.from_file(path)
     collector_text = reader.string("externalFlowCollectorAddr", "", "<IP>:<port>[:<proto>]")
     domain_id = reader.integer("observationDomainID", 0, 0, 0xFFFFFFFF)
     refresh = reader.duration("templateRefreshTimeout", 600.0, minimum=1.0)
+    message_size = None
     # Current upstream groups the external collector under `flowCollector:`.
     section = reader.section("flowCollector")
     if section is not None:
@@ -63,11 +97,15 @@ def load_aggregator_config(path: str | os.PathLike) -> AggregatorConfig:
         record_format = section.values.get("recordFormat")
         if record_format is not None and str(record_format).upper() != "IPFIX":
             raise section.error("recordFormat", record_format, "is not supported", "IPFIX")
+        # Our records always carry the names and never the UIDs: other values cannot be met.
+        if not section.boolean("includeK8sNames", True):
+            raise section.error("includeK8sNames", False, "is not supported", "true")
+        if section.boolean("includeK8sUIDs", False):
+            raise section.error("includeK8sUIDs", True, "is not supported", "false")
+        message_size = _message_size(section)
         domain_id = section.integer("observationDomainID", domain_id, 0, 0xFFFFFFFF)
         refresh = section.duration("templateRefreshTimeout", refresh, minimum=1.0)
-        section.reject_unknown(
-            ("recordFormat", "tls", "includeK8sNames", "includeK8sUIDs", "maxIPFIXMsgSize")
-        )
+        section.reject_unknown(("recordFormat", "tls"))
     collector = None
     if collector_text:
         collector = _address(
@@ -79,21 +117,31 @@ def load_aggregator_config(path: str | os.PathLike) -> AggregatorConfig:
             port_required=True,
         )
     interval = reader.duration("flowExportInterval", 60.0, minimum=1.0)
-    if "activeFlowRecordTimeout" in reader.values:  # upstream's current name
-        interval = reader.duration("activeFlowRecordTimeout", interval, minimum=1.0)
+    old, new = reader.values.get("flowExportInterval"), reader.values.get("activeFlowRecordTimeout")
+    if old is not None and new is not None:
+        raise ConfigError(
+            f"{reader.source}: flowExportInterval: {old!r} and activeFlowRecordTimeout: {new!r} "
+            "are two names of one setting; expected only one of them"
+        )
+    interval = reader.duration("activeFlowRecordTimeout", interval, minimum=1.0)  # upstream's name
     inactive = reader.duration("inactiveFlowRecordTimeout", 90.0, minimum=1.0)
     correlation = reader.duration("correlationTimeout", 60.0, minimum=1.0)
     protocol = reader.choice("aggregatorTransportProtocol", "tls", ("tls", "tcp", "udp"))
-    name = reader.string("flowAggregatorAddress", DEFAULT_AGGREGATOR_ADDRESS, "a DNS name or IP")
-    listen_text = reader.string("listenAddress", ":4739", "[HOST]:PORT")
-    listen = _address(
+    name = _host(
         reader,
-        "listenAddress",
-        f"{listen_text}:{protocol}",
-        default_protocol=protocol,
-        port_required=True,
-        listen=True,
+        "flowAggregatorAddress",
+        reader.string("flowAggregatorAddress", DEFAULT_AGGREGATOR_ADDRESS, HOST_FORM),
     )
+    listen_text = reader.string("listenAddress", ":4739", LISTEN_FORM)
+    try:
+        # With the protocol appended, a protocol in the text leaves one ':' too many.
+        listen = parse_address(
+            f"{listen_text}:{protocol}", default_protocol=protocol, port_required=True, listen=True
+        )
+    except AddressError:
+        raise reader.error(
+            "listenAddress", listen_text, "is not a listen address", LISTEN_FORM
+        ) from None
     cert_dir = reader.string(
         "certDir", "/var/run/antrea-flow/flow-aggregator", "a directory for the certificates"
     )
@@ -130,4 +178,5 @@ def load_aggregator_config(path: str | os.PathLike) -> AggregatorConfig:
         observation_domain_id=domain_id,
         template_refresh=refresh,
         inventory_file=inventory,
+        max_message_size=message_size,
     )

@@ -57,23 +57,34 @@ class Aggregator:
         self.store = AggregationStore(
             config.export_interval, config.inactive_timeout, config.correlation_timeout
         )
+        self.sinks: list = []
+        # The JSON log first: a bad jsonLogPath must stop start-up before certificates exist.
+        if config.json_log:
+            try:
+                json_sink = JSONLinesSink(config.json_log)
+            except OSError as exc:
+                reason = f"{exc.strerror}: {exc.filename}" if exc.strerror else str(exc)
+                raise UsageError(
+                    f"jsonLogPath: {config.json_log!r} cannot be appended to ({reason}); "
+                    "expected a file path the aggregator can create or append to"
+                ) from None
         ssl_context = None
         if config.tls:
             names, addresses = _certificate_names(config)
             files = ensure_aggregator_certificates(config.cert_dir, names, addresses)
             ssl_context = server_context(files.server_cert, files.server_key, files.ca)
         self.collector = CollectingProcess(config.listen, self._intake, ssl_context=ssl_context)
-        self.sinks: list = []
         if config.external_collector is not None:
             self.sinks.append(
                 IPFIXSink(
                     config.external_collector,
                     config.observation_domain_id,
                     config.template_refresh,
+                    config.max_message_size,
                 )
             )
         if config.json_log:
-            self.sinks.append(JSONLinesSink(config.json_log))
+            self.sinks.append(json_sink)
         self.metadata = MetadataStore()
         self.inventory = (
             InventoryFileSource(config.inventory_file, self.metadata)
@@ -219,12 +230,6 @@ def main(args) -> int:
         aggregator = Aggregator(config)
     except OSError as exc:
         raise UsageError(f"certDir {config.cert_dir}: {exc.strerror or exc}") from None
-    if config.json_log:
-        try:
-            with open(config.json_log, "a"):
-                pass
-        except OSError as exc:
-            raise UsageError(f"jsonLogPath {config.json_log}: {exc.strerror or exc}") from None
     log.info(
         "flow aggregator listening on %s%s; exporting every %ss to %s",
         config.listen,

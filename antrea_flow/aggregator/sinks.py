@@ -7,6 +7,7 @@ drop is counted by reason.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -23,6 +24,7 @@ from ..ipfix.antrea import (
 )
 from ..ipfix.exporting import ExportingProcess
 from ..ipfix.render import json_value
+from ..logutil import LogOnce
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +37,17 @@ class IPFIXSink:
     name = "ipfix"
 
     def __init__(
-        self, address: TransportAddress, observation_domain_id: int, template_refresh: float
+        self,
+        address: TransportAddress,
+        observation_domain_id: int,
+        template_refresh: float,
+        max_message_size: int | None = None,
     ):
         self.exporter = ExportingProcess(
             address,
             aggregator_templates(),
             observation_domain_id,
+            max_message_size=max_message_size,
             template_refresh_interval=template_refresh,
         )
 
@@ -70,16 +77,18 @@ class JSONLinesSink:
     name = "json"
 
     def __init__(self, path: str):
+        """Opens the file now, creating its directory, so that a path that cannot be
+        written stops start-up (OSError) before anything else is set up."""
         self.path = Path(path)
         self.sent = 0
         self.dropped: Counter[str] = Counter()
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(JSON_QUEUE_RECORDS)
         self._thread = threading.Thread(target=self._write, name="json-sink", daemon=True)
-
-    def start(self) -> None:
-        # Open here, so a path that cannot be written stops start-up instead of a thread.
+        self._log_once = LogOnce(log)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
+
+    def start(self) -> None:
         self._thread.start()
 
     def send(self, record: dict[str, Any]) -> None:
@@ -89,22 +98,30 @@ class JSONLinesSink:
             self.dropped["queue_full"] += 1
 
     def _write(self) -> None:
-        with self._file as out:
-            while True:
-                record = self._queue.get()
-                if record is None:
+        try:
+            self._write_until_stopped(self._file)
+        finally:
+            # Closing flushes again what a failed write left buffered: already counted
+            # and logged, so its error must not end the thread with a traceback.
+            with contextlib.suppress(OSError):
+                self._file.close()
+
+    def _write_until_stopped(self, out) -> None:
+        while True:
+            record = self._queue.get()
+            if record is None:
+                return
+            lines = [record]
+            while len(lines) < 1024:  # write what is waiting in one go
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._flush(out, lines)
                     return
-                lines = [record]
-                while len(lines) < 1024:  # write what is waiting in one go
-                    try:
-                        more = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if more is None:
-                        self._flush(out, lines)
-                        return
-                    lines.append(more)
-                self._flush(out, lines)
+                lines.append(more)
+            self._flush(out, lines)
 
     def _flush(self, out, records: list[dict[str, Any]]) -> None:
         try:
@@ -113,7 +130,13 @@ class JSONLinesSink:
             self.sent += len(records)
         except OSError as exc:
             self.dropped["write_error"] += len(records)
-            log.error("cannot write %s: %s", self.path, exc)
+            self._log_once(
+                ("write_error", exc.errno),
+                logging.ERROR,
+                "cannot write %s: %s; dropping records (counted as json:write_error)",
+                self.path,
+                exc,
+            )
 
     async def stop(self) -> None:
         self._queue.put(None)

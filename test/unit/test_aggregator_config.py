@@ -12,6 +12,7 @@ from antrea_flow.aggregator.config import (
     AggregatorConfig,
     load_aggregator_config,
 )
+from antrea_flow.aggregator.service import Aggregator
 from antrea_flow.configfile import ConfigError
 from antrea_flow.errors import UsageError
 from antrea_flow.ipfix.address import TransportAddress
@@ -124,9 +125,32 @@ def test_aggregator_transport_protocol_rejected(load, protocol):
     assert "tls" in message and "tcp" in message and "udp" in message
 
 
-def test_flow_aggregator_address(load):
-    assert load("flowAggregatorAddress: 10.96.5.5").aggregator_address == "10.96.5.5"
-    assert load("flowAggregatorAddress: fa.example.com").aggregator_address == "fa.example.com"
+@pytest.mark.parametrize(
+    ("text", "stored"),
+    [
+        ("10.96.5.5", "10.96.5.5"),
+        ("fa.example.com", "fa.example.com"),
+        ("fa.example.com.", "fa.example.com."),
+        ("flow-aggregator", "flow-aggregator"),
+        ("fd00::1", "fd00::1"),
+        ("[fd00::1]", "fd00::1"),  # the certificate needs the address, not the brackets
+    ],
+)
+def test_flow_aggregator_address(load, text, stored):
+    assert load(f"flowAggregatorAddress: {text!r}").aggregator_address == stored
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "a b!", "flüss.example", "fa.example.com:4739", "[10.0.0.1]", "[fa.example]", "10.1.2"],
+)
+def test_flow_aggregator_address_rejected(load, text):
+    """It goes into the server certificate: a value that is neither a name nor an address
+    would be refused there (or crash start-up), far from the config key that caused it."""
+    message = error_of(load, f"flowAggregatorAddress: {text!r}")
+    assert "flowAggregatorAddress" in message
+    assert repr(text) in message
+    assert "a DNS name or an IP address" in message
 
 
 def test_our_keys(load, tmp_path):
@@ -153,6 +177,18 @@ def test_our_keys(load, tmp_path):
     assert config.observation_domain_id == 42
     assert config.template_refresh == 300.0
     assert config.inventory_file == str(tmp_path / "inventory.yaml")
+
+
+@pytest.mark.parametrize(
+    "text", ["0.0.0.0:4739:tcp", "0.0.0.0:4739:tls", "0.0.0.0", "[::]:4739:tls", ":99999", ""]
+)
+def test_listen_address_errors_show_what_the_user_wrote(load, text):
+    """The protocol comes from aggregatorTransportProtocol, not from this key."""
+    message = error_of(load, f"listenAddress: {text!r}")
+    assert f"listenAddress: {text!r} " in message
+    assert "[HOST]:PORT" in message
+    assert "aggregatorTransportProtocol" in message
+    assert "<PROTO>" not in message
 
 
 def test_listen_on_any_port_and_no_metrics(load):
@@ -186,6 +222,16 @@ def test_active_flow_record_timeout_is_upstreams_name_for_the_export_interval(lo
     assert load("activeFlowRecordTimeout: 30s").export_interval == 30.0
     message = error_of(load, "activeFlowRecordTimeout: 100ms")
     assert "activeFlowRecordTimeout" in message
+    assert load("flowExportInterval:\nactiveFlowRecordTimeout: 30s\n").export_interval == 30.0
+
+
+@pytest.mark.parametrize(("first", "second"), [("10s", "20s"), ("30s", "30s")])
+def test_flow_export_interval_and_its_alias_together_are_rejected(load, first, second):
+    """Upstream knows only activeFlowRecordTimeout: with both, neither may silently win."""
+    message = error_of(load, f"flowExportInterval: {first}\nactiveFlowRecordTimeout: {second}\n")
+    assert f"flowExportInterval: {first!r}" in message
+    assert f"activeFlowRecordTimeout: {second!r}" in message
+    assert "expected only one" in message
 
 
 def test_flow_collector_section(load):
@@ -244,6 +290,31 @@ def test_upstreams_default_flow_collector_section_loads(load):
     )
     assert config.external_collector is None
     assert config.template_refresh == 600.0
+    assert config.max_message_size is None  # 0: the transport's own
+
+
+@pytest.mark.parametrize("size", [512, 1400, 65535])
+def test_max_ipfix_msg_size_reaches_the_ipfix_export(load, size):
+    config = load(
+        f"""        aggregatorTransportProtocol: tcp
+        listenAddress: "127.0.0.1:0"
+        flowCollector:
+          enable: true
+          address: "10.0.0.9:4739:udp"
+          maxIPFIXMsgSize: {size}
+        """
+    )
+    assert config.max_message_size == size
+    (sink,) = Aggregator(config).sinks
+    assert sink.exporter.max_message_size == size
+
+
+@pytest.mark.parametrize("value", ["100", "511", "65536", "-1", "big", "true"])
+def test_max_ipfix_msg_size_rejected(load, value):
+    message = error_of(load, f"flowCollector: {{enable: true, maxIPFIXMsgSize: {value}}}")
+    assert "flowCollector.maxIPFIXMsgSize" in message
+    assert value.lower() in message.lower()
+    assert "512..65535" in message
 
 
 def test_flow_collector_section_bad_address_and_unknown_key(load):
@@ -276,6 +347,8 @@ def test_upstream_keys_without_effect_here_are_accepted(load):
     [
         "tls: {enable: true, caSecretName: ca, clientSecretName: client}",
         "recordFormat: JSON",
+        "includeK8sNames: false",
+        "includeK8sUIDs: true",
     ],
 )
 def test_flow_collector_settings_we_cannot_honour_are_not_silently_dropped(load, caplog, setting):
@@ -310,3 +383,34 @@ def test_missing_file(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_aggregator_config(tmp_path / "absent.conf")
     assert "absent.conf" in str(info.value)
+
+
+def aggregator_conf(tmp_path, json_log) -> str:
+    return textwrap.dedent(
+        f"""\
+        listenAddress: "127.0.0.1:0"
+        metricsBindAddress: ""
+        certDir: {tmp_path / "certs"}
+        jsonLogPath: {json_log}
+        """
+    )
+
+
+def test_json_log_in_a_new_directory_is_created_at_start_up(load, tmp_path):
+    path = tmp_path / "logs" / "new" / "flows.json"
+    Aggregator(load(aggregator_conf(tmp_path, path)))
+    assert path.is_file()  # start-up checked it can be written
+
+
+@pytest.mark.parametrize("under", ["file", "file/sub"])
+def test_bad_json_log_path_stops_start_up_before_certificates_are_made(load, tmp_path, under):
+    (tmp_path / "file").write_text("not a directory", encoding="utf-8")
+    path = tmp_path / under / "flows.json"
+    config = load(aggregator_conf(tmp_path, path))
+    with pytest.raises(UsageError) as info:
+        Aggregator(config)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "jsonLogPath" in message
+    assert repr(str(path)) in message
+    assert not (tmp_path / "certs").exists()

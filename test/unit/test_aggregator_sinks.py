@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import time
 
 import pytest
 
@@ -127,6 +129,23 @@ def test_json_sink_counts_write_errors():
     run(sink.stop())
     assert sink.dropped["write_error"] == 2
     assert sink.sent == 0
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_json_sink_logs_a_persistent_write_error_once(caplog):
+    sink = JSONLinesSink("/dev/full")
+    sink.start()
+    with caplog.at_level(logging.DEBUG, logger="antrea_flow.aggregator.sinks"):
+        for failed in range(1, 4):  # one at a time: each is its own failed write
+            sink.send(aggregated(port=failed))
+            deadline = time.monotonic() + 5
+            while sink.dropped["write_error"] < failed and time.monotonic() < deadline:
+                time.sleep(0.001)
+        run(sink.stop())
+    assert sink.dropped["write_error"] == 3
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    assert "/dev/full" in errors[0].getMessage()
 
 
 # -- IPFIX ------------------------------------------------------------------------------------
