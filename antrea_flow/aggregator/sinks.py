@@ -61,7 +61,7 @@ class IPFIXSink:
 
     @property
     def sent(self) -> int:
-        return self.exporter.stats.records_sent
+        return self.exporter.stats.records_written  # a counter: never decreases
 
     @property
     def dropped(self) -> Counter[str]:

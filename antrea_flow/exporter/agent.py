@@ -291,8 +291,15 @@ class Agent:
         )
         yield counter(
             "antrea_agent_flow_records_sent_total",
-            "Flow records the collector connection has taken (whole messages in the kernel).",
-            exporter.records_sent,
+            "Flow records written to the collector connection (whole messages in the kernel; "
+            "a record requeued after a lost session counts again when re-sent).",
+            exporter.records_written,
+        )
+        yield counter(
+            "antrea_agent_flow_records_requeued_total",
+            "Flow records of messages a failed session's collector host had not acknowledged, "
+            "queued to be sent again.",
+            exporter.records_requeued,
         )
         yield labelled_counter(
             "antrea_agent_flow_records_dropped_total",

@@ -3,18 +3,23 @@
 Records are encoded when added and wait in a bounded queue; a sender task connects (with
 exponential backoff), announces the templates on every new transport session (and every
 `template_refresh_interval` over UDP), and packs as many queued records per message as the
-maximum message size allows. A record leaves the queue only once its whole message is in
-the kernel's socket buffer, so a collector outage costs nothing within the queue bound and
-nothing is sent twice. Overflow drops the oldest records and counts them.
+maximum message size allows. A record leaves the queue once its whole message is in the
+kernel's socket buffer; over TCP and TLS it is kept until the collector's host has
+acknowledged that message, and put back at the front of the queue if the session fails
+first. So a collector outage costs nothing within the queue bound and nothing is sent
+twice. Overflow drops the oldest records and counts them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import socket
 import ssl
+import struct
+import termios
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
@@ -44,10 +49,20 @@ _TLS_ACCEPT_WAIT = 1.0
 # session (a TLS collector answers plain IPFIX with an alert and closes at once).
 _TCP_SETTLE_WAIT = 0.5
 
+# The records of one message: runs of records of one template, each a data set.
+_Batch = list[tuple[int, list[bytes]]]
+
 
 @dataclass(slots=True)
 class ExporterStats:
+    # Records whose message went to the kernel; when a TCP or TLS session fails, those the
+    # collector's host had not acknowledged are taken back out (and counted below).
     records_sent: int = 0
+    # Taken back out of records_sent into the queue, to go out again on the next session.
+    records_requeued: int = 0
+    # Every record whose message went to the kernel, re-sent ones again: never decreases
+    # (what counters in metrics read; records_written - records_requeued = records_sent).
+    records_written: int = 0
     messages_sent: int = 0
     connections: int = 0  # successful (re)connections
     connect_failures: int = 0
@@ -73,13 +88,16 @@ class _Connection:
 
     `send` returns once every byte of a message is in the kernel's socket buffer (TLS runs
     through an SSLObject over memory BIOs for that reason: asyncio's SSL transport keeps
-    its own buffers), so the caller knows exactly which records have left. A reader task
-    notices when the collector closes or refuses the session.
+    its own buffers), and `written` counts every byte of the TCP stream so far, so the
+    caller knows where each message ends and, from `acknowledged`, which ones the
+    collector's host has. A reader task notices when the collector closes or refuses the
+    session.
     """
 
     def __init__(self, address: TransportAddress, wakeup: Callable[[], None]):
         self.address = address
         self.closed_reason: str | None = None
+        self.written = 0  # bytes of the TCP stream handed to the kernel
         self._wakeup = wakeup
         self._sock: socket.socket | None = None
         self._tls: ssl.SSLObject | None = None
@@ -145,7 +163,40 @@ class _Connection:
     async def _flush_tls(self) -> None:
         data = self._outgoing.read()
         if data:
-            await asyncio.get_running_loop().sock_sendall(self._sock, data)
+            await self._write(data)
+
+    async def _write(self, data: bytes) -> None:
+        # Not loop.sock_sendall: when it fails half-way it does not say how much the kernel
+        # took, and `written` must follow the stream's sequence numbers.
+        assert self._sock is not None
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self._sock.send(view)
+            except BlockingIOError:
+                await self._writable()
+                continue
+            self.written += sent
+            view = view[sent:]
+
+    async def _writable(self) -> None:
+        loop = asyncio.get_running_loop()
+        writable = loop.create_future()
+        fd = self._sock.fileno()
+        loop.add_writer(fd, lambda: writable.done() or writable.set_result(None))
+        try:
+            await writable
+        finally:
+            loop.remove_writer(fd)
+
+    def acknowledged(self) -> int:
+        """How many bytes of the stream the collector's host has acknowledged (TCP, TLS).
+
+        SIOCOUTQ tells what was written but is not acknowledged yet; the kernel still
+        answers after the session was reset."""
+        assert self._sock is not None
+        outq = fcntl.ioctl(self._sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        return self.written - struct.unpack("i", outq)[0]
 
     async def _wait_accepted(self) -> None:
         # In TLS 1.3 the client's handshake completes before the server has checked the
@@ -217,13 +268,15 @@ class _Connection:
         if self.closed_reason is not None:
             raise ConnectionError(self.closed_reason)
         assert self._sock is not None
-        if self._tls is None:
-            # UDP: a connected socket reports an earlier datagram's ICMP "port unreachable"
-            # as ECONNREFUSED on this send, which then did not happen: the records stay.
+        if self.address.protocol == "udp":
+            # A connected socket reports an earlier datagram's ICMP "port unreachable" as
+            # ECONNREFUSED on this send, which then did not happen: the records stay.
             await asyncio.get_running_loop().sock_sendall(self._sock, message)
-            return
-        self._tls.write(message)
-        await self._flush_tls()
+        elif self._tls is None:
+            await self._write(message)
+        else:
+            self._tls.write(message)
+            await self._flush_tls()
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -296,7 +349,14 @@ class ExportingProcess:
         template = self.templates[template_id]
         try:
             record = template.encode(values)
-        except (ValueError, TypeError, OverflowError, AttributeError, OSError) as exc:
+        except (
+            ValueError,
+            TypeError,
+            OverflowError,
+            AttributeError,
+            OSError,
+            struct.error,
+        ) as exc:
             self._drop("encode_error", 1)
             self._log_once(
                 ("encode", template_id),
@@ -325,21 +385,35 @@ class ExportingProcess:
             )
             return False
         if len(self._queue) >= self.max_queue_records:
-            # Keep the newest: flow records carry running totals, so a later record
-            # supersedes an earlier one for everything but its delta.
-            self._queue.popleft()
-            self._drop("queue_full", 1)
-            self._log_once(
-                "queue_full",
-                logging.WARNING,
-                "export queue to %s is full (%d records): dropping the oldest",
-                self.address,
-                self.max_queue_records,
-            )
+            self._drop_oldest(1)
         self._queue.append((template_id, record))
         self._idle.clear()
         self._wakeup.set()
         return True
+
+    def _requeue(self, batches: Sequence[_Batch]) -> int:
+        """Put the records of `batches` back at the front of the queue in their order,
+        within the queue's bound; returns how many were put back."""
+        records = [(tid, r) for batch in batches for tid, run in batch for r in run]
+        self._queue.extendleft(reversed(records))
+        self._idle.clear()
+        if len(self._queue) > self.max_queue_records:
+            self._drop_oldest(len(self._queue) - self.max_queue_records)
+        return len(records)
+
+    def _drop_oldest(self, count: int) -> None:
+        # Keep the newest: flow records carry running totals, so a later record supersedes
+        # an earlier one for everything but its delta.
+        for _ in range(count):
+            self._queue.popleft()
+        self._drop("queue_full", count)
+        self._log_once(
+            "queue_full",
+            logging.WARNING,
+            "export queue to %s is full (%d records): dropping the oldest",
+            self.address,
+            self.max_queue_records,
+        )
 
     def _drop(self, reason: str, count: int) -> None:
         self.stats.records_dropped[reason] += count
@@ -448,40 +522,72 @@ class ExportingProcess:
         if self.address.protocol == "tcp":
             await connection.settle(_TCP_SETTLE_WAIT)
         refresh_at = loop.time() + self.template_refresh_interval
-        while True:
-            if udp and loop.time() >= refresh_at:
-                await self._send_templates(connection, packer)
-                refresh_at = loop.time() + self.template_refresh_interval
-            if not self._queue:
-                self._idle.set()
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                if connection.closed_reason is not None:
-                    raise ConnectionError(connection.closed_reason)
-                timeout = max(0.0, refresh_at - loop.time()) if udp else None
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), timeout)
-                continue
-            batch = self._take_batch(packer.max_message_size)
-            try:
-                message = packer.pack_sets(batch, int(self._clock()))
-                await connection.send(message)
-            except BaseException:
-                # Not (entirely) handed to the kernel: the collector cannot have decoded
-                # this message, so its records go back to the front for the next session.
-                self._queue.extendleft(
-                    (tid, r) for tid, records in reversed(batch) for r in reversed(records)
-                )
-                raise
-            self.stats.records_sent += sum(len(records) for _, records in batch)
-            self.stats.messages_sent += 1
+        # Over TCP and TLS, the messages the collector's host may not have acknowledged
+        # yet, oldest first, each with the offset where it ends in the session's stream.
+        # What is not acknowledged is in the socket's send buffer, which bounds this.
+        unacknowledged: deque[tuple[int, _Batch]] = deque()
+        try:
+            while True:
+                if udp and loop.time() >= refresh_at:
+                    await self._send_templates(connection, packer)
+                    refresh_at = loop.time() + self.template_refresh_interval
+                if not self._queue:
+                    self._idle.set()
+                    # Before a stop: the collector may have reset the last messages.
+                    if connection.closed_reason is not None:
+                        raise ConnectionError(connection.closed_reason)
+                    if self._closing:
+                        return
+                    self._wakeup.clear()
+                    timeout = max(0.0, refresh_at - loop.time()) if udp else None
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), timeout)
+                    continue
+                batch = self._take_batch(packer.max_message_size)
+                try:
+                    message = packer.pack_sets(batch, int(self._clock()))
+                    await connection.send(message)
+                except BaseException:
+                    # Not (entirely) handed to the kernel: the collector cannot have decoded
+                    # this message, so its records go back to the front for the next session.
+                    self._requeue([batch])
+                    raise
+                count = sum(len(records) for _, records in batch)
+                self.stats.records_sent += count
+                self.stats.records_written += count
+                self.stats.messages_sent += 1
+                if not udp:
+                    unacknowledged.append((connection.written, batch))
+                    acknowledged = connection.acknowledged()
+                    while unacknowledged and unacknowledged[0][0] <= acknowledged:
+                        unacknowledged.popleft()
+        except (OSError, ssl.SSLError, ConnectionError):
+            if unacknowledged:
+                # Before the socket closes: its kernel knows what the collector's host has.
+                self._take_back(unacknowledged, connection.acknowledged())
+            raise
 
-    def _take_batch(self, max_message_size: int) -> list[tuple[int, list[bytes]]]:
+    def _take_back(self, unacknowledged: deque[tuple[int, _Batch]], acknowledged: int) -> None:
+        """Requeue the records of the messages of a failed session that the collector's host
+        has not entirely acknowledged (a collector cannot decode part of a message), and
+        count them as not sent.
+
+        Acknowledged messages are never sent again. What no exporter over TCP can know: a
+        message the collector's host acknowledged but its process never read (killed with
+        it in its receive buffer) is lost, and one it read whose acknowledgement was still
+        delayed when its host reset the session is sent twice."""
+        lost = [batch for end, batch in unacknowledged if end > acknowledged]
+        unacknowledged.clear()
+        if lost:
+            requeued = self._requeue(lost)
+            self.stats.records_sent -= requeued
+            self.stats.records_requeued += requeued
+
+    def _take_batch(self, max_message_size: int) -> _Batch:
         """Remove and return the oldest records that fit one message, as runs of records
         of the same template (each run becomes one data set)."""
         queue = self._queue
-        batch: list[tuple[int, list[bytes]]] = []
+        batch: _Batch = []
         used = HEADER.size
         current = -1
         records: list[bytes] = []

@@ -553,7 +553,7 @@ def agent_snapshot(agent: Agent) -> tuple[int, int, dict[str, float]]:
     exported = agent.store.stats.exported
     return (
         len(agent.store),
-        agent.exporter.stats.records_sent,
+        agent.exporter.stats.records_written,
         {name: float(exported.get(reason, 0)) for reason, name in REASON_NAMES.items()},
     )
 
@@ -604,6 +604,7 @@ def test_metrics_endpoint(fresh, inventory_file):
     assert one(scraped, "antrea_agent_conntrack_max_connection_count") == table_max
     assert one(scraped, "antrea_agent_denied_connection_count") == 0
     assert one(scraped, "antrea_agent_conntrack_poll_failures_total") == 0
+    assert one(scraped, "antrea_agent_flow_records_requeued_total") == 0
     assert one(scraped, "antrea_agent_flow_collector_reconnection_count") == 1
     buckets = scraped["antrea_agent_conntrack_poll_cycle_duration_seconds_bucket"]
     bounds = {dict(labels)["le"] for labels in buckets}
