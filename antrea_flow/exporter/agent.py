@@ -270,12 +270,23 @@ class Agent:
             len(self.denied),
         )
         deny = self.denied.stats
+        outcomes = {"recorded": deny.recorded, **deny.not_recorded}
+        if self.deny_queue is not None:
+            outcomes.update(self.deny_queue.not_recorded)  # socket_overflow, error
         yield labelled_counter(
             "antrea_agent_denied_packets_total",
             "Denied packets handed over by the dataplane: recorded, or why not.",
             "outcome",
-            {"recorded": deny.recorded, **deny.not_recorded},
-            always=("recorded", "rate_limited", "unknown_rule", "no_local_pod", "unparsable"),
+            outcomes,
+            always=(
+                "recorded",
+                "rate_limited",
+                "unknown_rule",
+                "no_local_pod",
+                "unparsable",
+                "socket_overflow",
+                "error",
+            ),
         )
         yield gauge(
             "antrea_agent_flow_collector_reconnection_count",

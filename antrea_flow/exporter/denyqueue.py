@@ -5,6 +5,13 @@ rule: the agent only watches, it can never turn a deny into an allow. The queue 
 inside the Node's network namespace and set to fail open, so a slow agent changes nothing
 (a full queue lets packets through to the deny rule instead of dropping them); the rule that
 queues them bypasses the queue when no agent listens. Only packet headers are copied.
+
+What reaches the queue but not the deny store is counted. The kernel numbers each packet it
+queues, in order, just before putting it in the socket; one the full socket does not take
+goes on (fail open) and leaves a gap in the ids. A gap is counted when the next packet
+arrives, and the tail of a burst once the socket has been quiet for QUIET seconds, from the
+last id the kernel gave out. Packets whose handler raised are counted too. A packet that
+finds QUEUE_LENGTH packets already waiting goes on unnumbered: that one nobody can count.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import select
 import socket
 import struct
 import threading
+from collections import Counter
 from collections.abc import Callable
 
 from netfilterqueue import COPY_PACKET, NetfilterQueue
@@ -32,6 +40,11 @@ NFQA_CFG_F_FAIL_OPEN = 0x1
 NLM_F_REQUEST = 0x1
 COPY_RANGE = 128  # IP and transport headers are all the deny store reads
 QUEUE_LENGTH = 4096
+PACKET_ID_MASK = 0xFFFFFFFF  # the kernel's packet ids are 32-bit and wrap
+QUIET = 0.2  # seconds: ids not read by the end of two quiet spells are counted as missed
+# One line per queue of the namespace: number, portid, waiting, mode, range, dropped,
+# user dropped, last packet id given out, 1. Per thread: the agent's namespace may differ.
+QUEUES_FILE = "/proc/thread-self/net/netfilter/nfnetlink_queue"
 
 
 def _fail_open_message(queue: int) -> bytes:
@@ -58,18 +71,25 @@ class DenyQueue:
         self.netns_name = netns_name
         self.queue = queue
         self.handle = handle
-        self.packets = 0
+        self.packets = 0  # read from the queue
+        # Packets that reached the queue but not `handle` (or `handle` failed on), by reason.
+        # Both keys exist from the start: readers on other threads never see the dict grow.
+        self.not_recorded: Counter[str] = Counter(socket_overflow=0, error=0)
+        self._last_id = 0
+        self._queues_file: int | None = None
         self._nfq: NetfilterQueue | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._log_once = LogOnce(log)
 
     def start(self) -> None:
+        self._last_id = 0  # binding creates the queue, which numbers its packets from 1
         with netns.entered(self.netns_name):
             self._nfq = NetfilterQueue()
             self._nfq.bind(
                 self.queue, self._packet, max_len=QUEUE_LENGTH, mode=COPY_PACKET, range=COPY_RANGE
             )
+            self._queues_file = os.open(QUEUES_FILE, os.O_RDONLY)  # stays in this namespace
         os.write(self._nfq.get_fd(), _fail_open_message(self.queue))
         self._thread = threading.Thread(target=self._run, name=f"nfqueue-{self.queue}", daemon=True)
         self._thread.start()
@@ -79,29 +99,61 @@ class DenyQueue:
             f" in netns {self.netns_name}" if self.netns_name else "",
         )
 
+    def _missed(self, up_to: int) -> None:
+        """Count the ids after the last one read, up to `up_to`: packets the socket missed."""
+        missed = (up_to - self._last_id) & PACKET_ID_MASK
+        self._last_id = up_to
+        if missed:
+            self.not_recorded["socket_overflow"] += missed
+            self._log_once(
+                "overflow",
+                logging.WARNING,
+                "NFQUEUE %d: the socket was full, %d denied packets did not reach the agent",
+                self.queue,
+                missed,
+            )
+
+    def _last_id_given(self) -> int | None:
+        """The last packet id the kernel gave out on this queue."""
+        assert self._queues_file is not None
+        for line in os.pread(self._queues_file, 65536, 0).splitlines():
+            fields = line.split()
+            if int(fields[0]) == self.queue:
+                return int(fields[7])
+        return None
+
     def _packet(self, packet) -> None:
         try:
             self.packets += 1
+            self._missed((packet.id - 1) & PACKET_ID_MASK)
+            self._last_id = packet.id
             self.handle(packet.get_payload(), packet.get_mark())
-        except Exception:
-            self._log_once(
-                "handle", logging.ERROR, "recording a denied packet failed", exc_info=True
-            )
+        except Exception as exc:
+            self.not_recorded["error"] += 1
+            self._log_once("handle", logging.ERROR, "recording a denied packet failed: %r", exc)
         finally:
             packet.accept()  # on to the dataplane's own deny rule
 
     def _run(self) -> None:
         assert self._nfq is not None
         fd = self._nfq.get_fd()
+        given: int | None = None  # the kernel's last id, read when the socket was empty
         while not self._stopping.is_set():
-            ready, _, _ = select.select([fd], [], [], 0.2)
+            ready, _, _ = select.select([fd], [], [], QUIET)
             if ready:
+                given = None
                 try:
                     self._nfq.run(block=False)
                 except OSError as exc:
                     self._log_once(
                         ("run", exc.errno), logging.WARNING, "NFQUEUE read failed: %s", exc
                     )
+                continue
+            # Nothing arrived for QUIET seconds since `given` was read: a packet numbered by
+            # then that went into the socket would have, so the ids not read never did.
+            if given is not None:
+                self._missed(given)
+            given = self._last_id_given()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -110,3 +162,6 @@ class DenyQueue:
         if self._nfq is not None:
             self._nfq.unbind()
             self._nfq = None
+        if self._queues_file is not None:
+            os.close(self._queues_file)
+            self._queues_file = None

@@ -5,7 +5,8 @@ Pods, Services, NetworkPolicies, Antrea NetworkPolicies and ClusterNetworkPolici
 lab assigns Pod addresses from each Node's podCIDRs (the gateway takes the first address,
 as Antrea's antrea-gw0 does), resolves selectors and Service endpoints, gives every policy
 rule a stable 30-bit id, and renders the whole cluster back as an inventory: the same
-objects with Pod IPs and the rule ids (annotation antrea-flow.io/rule-ids) filled in.
+objects with Pod IPs and the rule ids (annotation antrea-flow.io/rule-ids) filled in. A
+policy field the lab does not implement is an error, never ignored.
 """
 
 from __future__ import annotations
@@ -30,6 +31,32 @@ EXTERNAL_HOST_INDEX = 254  # the external host's address in the underlay network
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 ACTIONS = ("Allow", "Drop", "Reject", "Pass")
 RULE_ID_MASK = 0x3FFFFFFF  # 30 bits: fits a packet mark beside the lab's own flag bits
+# Antrea's static Tiers below the baseline (which comes after Kubernetes NetworkPolicies and
+# is not implemented); the capitalised names of Antrea 0.9 map to them as in Antrea.
+TIER_PRIORITIES = {
+    "emergency": 50,
+    "securityops": 100,
+    "networkops": 150,
+    "platform": 200,
+    "application": 250,
+}
+_OLD_TIER_NAMES = {"Emergency", "SecurityOps", "NetworkOps", "Platform", "Application", "Baseline"}
+
+# The fields of policies the lab implements. Any other field would be ignored, and the rule
+# compiled without it would match more than the policy says: it is an error instead.
+_K8S_SPEC = {"podSelector", "policyTypes", "ingress", "egress"}
+_ANTREA_SPEC = {"tier", "priority", "appliedTo", "ingress", "egress"}
+_K8S_RULE = {"ingress": {"from", "ports"}, "egress": {"to", "ports"}}
+# enableLogging and logLabel only ask for logs: the rule matches the same packets.
+_ANTREA_RULE = {
+    d: keys | {"action", "name", "appliedTo", "enableLogging", "logLabel"}
+    for d, keys in _K8S_RULE.items()
+}
+_PEER = {"podSelector", "namespaceSelector", "ipBlock"}
+_IP_BLOCK = {"cidr", "except"}
+_PORT = {"protocol", "port", "endPort"}
+_CLUSTER_APPLIED_TO = {"podSelector", "namespaceSelector"}
+_NAMESPACED_APPLIED_TO = {"podSelector"}
 
 
 class ClusterError(UsageError):
@@ -133,7 +160,7 @@ class Rule:
     applied_to: tuple[Pod, ...]
     peers: Peers
     ports: tuple[PortMatch, ...]  # empty: every port
-    order: tuple  # evaluation order of Antrea rules: (priority, policy, rule index)
+    order: tuple  # evaluation order of Antrea rules: (tier, priority, policy, rule index)
 
 
 @dataclass(slots=True)
@@ -321,14 +348,17 @@ def build_cluster(objects: list[dict[str, Any]]) -> Cluster:
 
 
 def _check_unique_ids(rules: list[Rule]) -> None:
-    seen: dict[int, Rule] = {}
+    seen = {
+        ISOLATION_INGRESS_ID: "the ingress isolation drop",
+        ISOLATION_EGRESS_ID: "the egress isolation drop",
+    }
     for rule in rules:
-        other = seen.setdefault(rule.rule_id, rule)
-        if other is not rule:
+        if rule.rule_id in seen:
             raise ClusterError(
                 f"rule id {rule.rule_id} of {rule.policy_name} collides with "
-                f"{other.policy_name}; rename one of the policies"
+                f"{seen[rule.rule_id]}; rename {rule.policy_name}"
             )
+        seen[rule.rule_id] = rule.policy_name
 
 
 def _service(obj: Mapping[str, Any], pods: list[Pod]) -> Service:
@@ -409,19 +439,25 @@ class _Selectors:
                 out.append(pod)
         return tuple(out)
 
-    def peers(self, entries: list[Mapping[str, Any]] | None, namespace: str | None) -> Peers:
+    def peers(
+        self, entries: list[Mapping[str, Any]] | None, namespace: str | None, where: str
+    ) -> Peers:
         if not entries:
             return Peers(every=True)
         pods: list[Pod] = []
         cidrs = []
-        for entry in entries:
-            block = entry.get("ipBlock")
-            if block:
+        for i, entry in enumerate(entries):
+            _only(entry, _PEER, f"{where}[{i}]")
+            if "ipBlock" in entry:
+                if len(entry) > 1:
+                    raise ClusterError(f"{where}[{i}]: ipBlock cannot be set with a selector")
+                block = entry["ipBlock"]
+                _only(block, _IP_BLOCK, f"{where}[{i}].ipBlock")
                 excepts = tuple(ipaddress.ip_network(e) for e in block.get("except") or [])
                 cidrs.append((ipaddress.ip_network(block["cidr"]), excepts))
                 continue
-            if "podSelector" not in entry and "namespaceSelector" not in entry:
-                raise ClusterError(f"unsupported policy peer {dict(entry)}")
+            if not entry:
+                raise ClusterError(f"{where}[{i}] is empty: set podSelector or namespaceSelector")
             for pod in self.pods_matching(
                 entry.get("podSelector"), entry.get("namespaceSelector"), namespace
             ):
@@ -429,18 +465,51 @@ class _Selectors:
                     pods.append(pod)
         return Peers(tuple(pods), tuple(cidrs))
 
+    def applied_to(
+        self, entries: list[Mapping[str, Any]], keys: set[str], namespace: str | None, where: str
+    ) -> tuple[Pod, ...]:
+        applied: list[Pod] = []
+        for i, entry in enumerate(entries):
+            _only(entry, keys, f"{where}[{i}]")
+            if not entry:
+                raise ClusterError(f"{where}[{i}] is empty: set {' or '.join(sorted(keys))}")
+            for pod in self.pods_matching(
+                entry.get("podSelector"), entry.get("namespaceSelector"), namespace
+            ):
+                if pod not in applied:
+                    applied.append(pod)
+        return tuple(applied)
 
-def _ports(entries: list[Mapping[str, Any]] | None, pods: Iterable[Pod]) -> tuple[PortMatch, ...]:
+
+def _only(obj: Mapping[str, Any], known: set[str], where: str) -> None:
+    """Refuse the fields the lab does not implement (ignored, they would broaden a rule)."""
+    unknown = sorted(set(obj) - known)
+    if unknown:
+        raise ClusterError(
+            f"{where}.{unknown[0]} is not supported by the lab (it implements "
+            f"{', '.join(sorted(known))})"
+        )
+
+
+def _rule_where(direction: str, index: int, rule: Mapping[str, Any]) -> str:
+    name = rule.get("name")
+    return f"{direction}[{index}]" + (f" ({name})" if name else "")
+
+
+def _ports(
+    entries: list[Mapping[str, Any]] | None, pods: Iterable[Pod], where: str
+) -> tuple[PortMatch, ...]:
     out = []
-    for entry in entries or []:
+    for i, entry in enumerate(entries or []):
+        _only(entry, _PORT, f"{where}[{i}]")
         protocol = (entry.get("protocol") or "TCP").upper()
         if protocol not in PROTOCOLS:
-            raise ClusterError(f"unsupported protocol {protocol!r}")
+            raise ClusterError(f"{where}[{i}]: unsupported protocol {protocol!r}")
         port = entry.get("port")
         if isinstance(port, str):  # a named port: the numbers it names on the Pods
             numbers = sorted({p.named_ports[port] for p in pods if port in p.named_ports})
             if not numbers:
-                raise ClusterError(f"no pod has a port named {port!r}")
+                raise ClusterError(f"{where}[{i}]: no pod has a port named {port!r}")
             out += [PortMatch(protocol, n) for n in numbers]
             continue
         out.append(PortMatch(protocol, port, entry.get("endPort")))
@@ -455,6 +524,7 @@ def _egress_targets(s: _Selectors, peers: Peers) -> tuple[Pod, ...]:
 def _k8s_policy(obj: Mapping[str, Any], s: _Selectors) -> tuple[list[Rule], dict[str, set[str]]]:
     namespace, name = _meta(obj)
     spec = obj.get("spec") or {}
+    _only(spec, _K8S_SPEC, "spec")
     selected = s.pods_matching(spec.get("podSelector"), None, namespace)
     types = spec.get("policyTypes") or (["Ingress"] + (["Egress"] if spec.get("egress") else []))
     isolation: dict[str, set[str]] = {}
@@ -465,7 +535,9 @@ def _k8s_policy(obj: Mapping[str, Any], s: _Selectors) -> tuple[list[Rule], dict
         isolation[direction] = {p.key for p in selected}
         peer_key = "from" if direction == "ingress" else "to"
         for index, rule in enumerate(spec.get(direction) or []):
-            peers = s.peers(rule.get(peer_key), namespace)
+            where = _rule_where(direction, index, rule)
+            _only(rule, _K8S_RULE[direction], where)
+            peers = s.peers(rule.get(peer_key), namespace, f"{where}: {peer_key}")
             targets = selected if direction == "ingress" else _egress_targets(s, peers)
             rules.append(
                 Rule(
@@ -478,11 +550,28 @@ def _k8s_policy(obj: Mapping[str, Any], s: _Selectors) -> tuple[list[Rule], dict
                     "Allow",
                     selected,
                     peers,
-                    _ports(rule.get("ports"), targets),
+                    _ports(rule.get("ports"), targets, f"{where}: ports"),
                     (),
                 )
             )
     return rules, isolation
+
+
+def _tier_priority(tier: Any) -> int:
+    if tier is None:
+        return TIER_PRIORITIES["application"]
+    name = tier.lower() if tier in _OLD_TIER_NAMES else tier
+    if name == "baseline":
+        raise ClusterError(
+            "spec.tier baseline is not supported by the lab (its rules come after Kubernetes "
+            "NetworkPolicies)"
+        )
+    if name not in TIER_PRIORITIES:
+        raise ClusterError(
+            f"spec.tier {tier!r} is not one of {', '.join(TIER_PRIORITIES)} (the lab has no "
+            "Tier objects)"
+        )
+    return TIER_PRIORITIES[name]
 
 
 def _antrea_policy(obj: Mapping[str, Any], policy_type: int, s: _Selectors) -> list[Rule]:
@@ -490,23 +579,38 @@ def _antrea_policy(obj: Mapping[str, Any], policy_type: int, s: _Selectors) -> l
     cluster_scoped = obj.get("kind") == "ClusterNetworkPolicy"
     scope = None if cluster_scoped else namespace
     spec = obj.get("spec") or {}
+    _only(spec, _ANTREA_SPEC, "spec")
+    tier = _tier_priority(spec.get("tier"))
     priority = float(spec.get("priority", 5))
-    applied = []
-    for target in spec.get("appliedTo") or [{}]:
-        for pod in s.pods_matching(
-            target.get("podSelector"), target.get("namespaceSelector"), scope
-        ):
-            if pod not in applied:
-                applied.append(pod)
+    applied_keys = _CLUSTER_APPLIED_TO if cluster_scoped else _NAMESPACED_APPLIED_TO
+    # As Antrea validates it: appliedTo in the spec, or in every rule, never in both.
+    spec_applied = spec.get("appliedTo") or []
+    applied = s.applied_to(spec_applied, applied_keys, scope, "spec.appliedTo")
     rules = []
     for direction in ("ingress", "egress"):
         peer_key = "from" if direction == "ingress" else "to"
         for index, rule in enumerate(spec.get(direction) or []):
-            action = rule.get("action") or "Allow"
+            where = _rule_where(direction, index, rule)
+            _only(rule, _ANTREA_RULE[direction], where)
+            action = rule.get("action")
             if action not in ACTIONS:
-                raise ClusterError(f"{name}: action {action!r} is not one of {', '.join(ACTIONS)}")
-            peers = s.peers(rule.get(peer_key), scope)
-            targets = tuple(applied) if direction == "ingress" else _egress_targets(s, peers)
+                given = "is missing" if action is None else f"{action!r} is not"
+                raise ClusterError(f"{where}: action {given} one of {', '.join(ACTIONS)}")
+            rule_applied = applied
+            if rule.get("appliedTo"):
+                if spec_applied:
+                    raise ClusterError(
+                        f"{where}: appliedTo is set in the rule and in the spec (set one of them)"
+                    )
+                rule_applied = s.applied_to(
+                    rule["appliedTo"], applied_keys, scope, f"{where}: appliedTo"
+                )
+            elif not spec_applied:
+                raise ClusterError(
+                    f"{where}: no appliedTo, and none in the spec (Antrea requires one of them)"
+                )
+            peers = s.peers(rule.get(peer_key), scope, f"{where}: {peer_key}")
+            targets = rule_applied if direction == "ingress" else _egress_targets(s, peers)
             rules.append(
                 Rule(
                     rule_id(
@@ -518,10 +622,12 @@ def _antrea_policy(obj: Mapping[str, Any], policy_type: int, s: _Selectors) -> l
                     rule.get("name") or f"{direction}-{index}",
                     direction,
                     action,
-                    tuple(applied),
+                    rule_applied,
                     peers,
-                    _ports(rule.get("ports"), targets),
-                    (priority, name, direction, index),
+                    _ports(rule.get("ports"), targets, f"{where}: ports"),
+                    (tier, priority, name, direction, index),
                 )
             )
+    if not spec_applied and not rules:
+        raise ClusterError("no appliedTo in the spec nor in a rule (Antrea requires one of them)")
     return rules

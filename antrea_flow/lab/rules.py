@@ -4,9 +4,12 @@
   tracked in conntrack zone 65520, as Antrea's OVS does.
 - mangle: new connections get Antrea's connection-source mark bits (0x2 from a local Pod,
   0x1 from the uplink) and the Service bit (0x10) when DNATed. Policies are evaluated for
-  every new connection; a denied packet gets its rule id as packet mark and is handed to
-  the agent on NFQUEUE (rate-limited like Antrea's packet-in meter, bypassed when no
-  agent listens).
+  every packet the filter evaluates them for (neither ESTABLISHED nor RELATED: new
+  connections, and invalid packets); a denied packet gets its rule id as packet mark and
+  goes to the Node's one packet-in chain, which hands it to the agent on NFQUEUE through
+  the Node's only rate limit (like Antrea's packet-in meter, one per Node; iptables keeps
+  a limit per address family, so one for IPv4 and one for IPv6) and bypasses the queue
+  when no agent listens.
 - nat: Services as kube-proxy implements them (random choice among endpoints, DNAT), and
   SNAT of Pod traffic leaving the cluster to the Node's Pod SNAT address.
 - filter: the same policy evaluation enforces the decision whatever the agent answered:
@@ -15,7 +18,7 @@
   big endian), where the agent reads it.
 
 Evaluation per direction (egress for the source Pod, ingress for the destination Pod, each
-on its own Node): Antrea-native rules in priority order, first match decides (Allow ends
+on its own Node): Antrea-native rules by Tier then priority, first match decides (Allow ends
 the direction, Pass skips to Kubernetes NetworkPolicies); then, if the Pod is isolated by
 a Kubernetes NetworkPolicy, its allow rules, else the isolation drop.
 """
@@ -43,9 +46,16 @@ MARK_SERVICE = 0x10
 # set-flag / match-unless-flag / clear-flag. Rule ids use the low 30 bits.
 EXCEPT_FLAG = 0x40000000
 DENY_QUEUE = 1
-DENY_RATE = 5000  # packets/s handed to the agent (Antrea's default packetInRate)
-DENY_BURST = 10000
+PACKET_IN_CHAIN = "AFL-PACKET-IN"
+DENY_RATE = 5000  # packets/s handed to the agent per address family (Antrea's packetInRate)
+# Antrea's meter allows bursts of twice the rate, but a packet that finds the agent's queue
+# full (4096, QUEUE_LENGTH in exporter/denyqueue.py) goes on unseen and uncounted (fail
+# open): a burst of one family alone never fills it (an IPv4 and an IPv6 burst at the
+# same moment could).
+DENY_BURST = 4096
 NOT_QUEUED_COMMENT = "antrea-flow: denied, not queued (over rate)"
+# The packets the filter's policy chains see: all but ESTABLISHED and RELATED.
+POLICED = "-m conntrack ! --ctstate RELATED,ESTABLISHED"
 
 
 def _label_matches(rule_id: int, direction: str) -> str:
@@ -134,17 +144,25 @@ class NodeRules:
     def _chain(self, name: str) -> list[str]:
         return self._chains.setdefault(name, [])
 
+    def _packet_in(self) -> str:
+        """The Node's one chain (per family) that hands denied packets to the agent: every
+        deny rule shares its limit, as every deny flow of an Antrea Node shares one meter."""
+        if PACKET_IN_CHAIN not in self._chains:
+            self._chain(PACKET_IN_CHAIN).extend(
+                [
+                    f"-A {PACKET_IN_CHAIN} -m limit --limit {DENY_RATE}/second --limit-burst "
+                    f"{DENY_BURST} -j NFQUEUE --queue-num {DENY_QUEUE} --queue-bypass",
+                    f'-A {PACKET_IN_CHAIN} -m comment --comment "{NOT_QUEUED_COMMENT}" -j ACCEPT',
+                ]
+            )
+        return PACKET_IN_CHAIN
+
     def _deny_targets(self, table: str, rule_id: int, action: str) -> list[str]:
         if table == "mangle":
             deny = f"AFL-DENY-{rule_id}"
             if deny not in self._chains:
                 self._chain(deny).extend(
-                    [
-                        f"-A {deny} -j MARK --set-mark {rule_id}",
-                        f"-A {deny} -m limit --limit {DENY_RATE}/second --limit-burst "
-                        f"{DENY_BURST} -j NFQUEUE --queue-num {DENY_QUEUE} --queue-bypass",
-                        f'-A {deny} -m comment --comment "{NOT_QUEUED_COMMENT}" -j ACCEPT',
-                    ]
+                    [f"-A {deny} -j MARK --set-mark {rule_id}", f"-A {deny} -g {self._packet_in()}"]
                 )
             return [f"-g {deny}"]
         if action == "Drop":
@@ -188,13 +206,14 @@ class NodeRules:
 
     def _policy_jumps(self, table: str) -> list[str]:
         jumps = []
-        new = "-m conntrack --ctstate NEW " if table == "mangle" else ""
+        # The filter accepts ESTABLISHED and RELATED before these jumps.
+        policed = f"{POLICED} " if table == "mangle" else ""
         for index, pod in enumerate(self.local):
             address = self.family.host(pod.addresses[self.family.version])
             egress = self._direction_chains(table, pod, index, "egress")
             ingress = self._direction_chains(table, pod, index, "ingress")
-            jumps.append(f"-A FORWARD {new}-s {address} -j {egress}")
-            jumps.append(f"-A FORWARD {new}-d {address} -j {ingress}")
+            jumps.append(f"-A FORWARD {policed}-s {address} -j {egress}")
+            jumps.append(f"-A FORWARD {policed}-d {address} -j {ingress}")
         return jumps
 
     # -- tables ----------------------------------------------------------------------------

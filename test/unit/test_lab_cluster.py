@@ -87,6 +87,9 @@ def app(value):
     return {"matchLabels": {"app": value}}
 
 
+EVERY = [{"podSelector": {}}]  # appliedTo: every Pod (of the namespace, for an ANP)
+
+
 def small_cluster(*extra):
     """Two nodes (node-b IPv4 only), namespaces a and b, pods with various labels."""
     return [
@@ -247,11 +250,12 @@ def test_rule_ids_are_stable_30_bit_and_non_zero():
 
 
 def test_same_input_gives_the_same_ids_and_other_policies_do_not_move_them():
-    policy = acnp("p", {"priority": 2, "ingress": [{"action": "Drop"}, {"action": "Allow"}]})
+    policy = acnp("p", {"priority": 2, "appliedTo": EVERY,
+                        "ingress": [{"action": "Drop"}, {"action": "Allow"}]})  # fmt: skip
     first = build_cluster(small_cluster(policy))
     second = build_cluster(small_cluster(copy.deepcopy(policy)))
     assert [r.rule_id for r in first.antrea_rules] == [r.rule_id for r in second.antrea_rules]
-    other = acnp("q", {"priority": 1, "ingress": [{"action": "Drop"}]})
+    other = acnp("q", {"priority": 1, "appliedTo": EVERY, "ingress": [{"action": "Drop"}]})
     third = build_cluster(small_cluster(other, copy.deepcopy(policy)))
     assert [r.rule_id for r in rules_of(third, "p")] == [r.rule_id for r in first.antrea_rules]
     assert first.rule_ids == second.rule_ids
@@ -351,12 +355,13 @@ def test_unknown_selector_operator_is_a_cluster_error():
     one_line_error(objects, "Gt")
 
 
-def test_acnp_applied_to_namespace_selector_and_default_everything():
+def test_acnp_applied_to_namespace_selector_and_everything():
     objects = small_cluster(
         acnp("by-ns", {"priority": 1,
                        "appliedTo": [{"namespaceSelector": {"matchLabels": {"team": "blue"}}}],
                        "ingress": [{"action": "Drop"}]}),
-        acnp("all", {"priority": 2, "ingress": [{"action": "Drop"}]}),
+        acnp("all", {"priority": 2, "appliedTo": [{"namespaceSelector": {}}],
+                     "ingress": [{"action": "Drop"}]}),
         acnp("both", {"priority": 3, "appliedTo": [
             {"namespaceSelector": {"matchLabels": {"team": "red"}}, "podSelector": app("web")},
             {"podSelector": app("db")}], "ingress": [{"action": "Drop"}]}),
@@ -526,10 +531,10 @@ def test_k8s_egress_rule_targets():
 
 def test_antrea_rules_sorted_by_priority_then_rule_order():
     objects = small_cluster(
-        acnp("a-low", {"priority": 10, "ingress": [{"action": "Drop"}]}),
-        acnp("z-high", {"priority": 9, "ingress": [
-            {"action": "Reject", "name": "first"}, {"action": "Pass"}, {}]}),
-        anp("a", "mid", {"priority": 9.5, "egress": [{"action": "Drop"}],
+        acnp("a-low", {"priority": 10, "appliedTo": EVERY, "ingress": [{"action": "Drop"}]}),
+        acnp("z-high", {"priority": 9, "appliedTo": EVERY, "ingress": [
+            {"action": "Reject", "name": "first"}, {"action": "Pass"}, {"action": "Allow"}]}),
+        anp("a", "mid", {"priority": 9.5, "appliedTo": EVERY, "egress": [{"action": "Drop"}],
                          "ingress": [{"action": "Allow"}]}),
     )  # fmt: skip
     cluster = build_cluster(objects)
@@ -540,7 +545,7 @@ def test_antrea_rules_sorted_by_priority_then_rule_order():
     assert got == [
         ("z-high", "first", "Reject"),
         ("z-high", "ingress-1", "Pass"),
-        ("z-high", "ingress-2", "Allow"),  # no action: Allow
+        ("z-high", "ingress-2", "Allow"),
         ("mid", "ingress-0", "Allow"),
         ("a-low", "ingress-0", "Drop"),
     ]
@@ -584,8 +589,10 @@ def test_cluster_without_nodes():
 
 
 def test_unknown_action():
-    objects = small_cluster(acnp("bad-action", {"ingress": [{"action": "Deny"}]}))
-    one_line_error(objects, "bad-action", "Deny")
+    objects = small_cluster(
+        acnp("bad-action", {"appliedTo": EVERY, "ingress": [{"action": "Deny"}]})
+    )
+    one_line_error(objects, "bad-action", "ingress[0]", "Deny")
 
 
 def test_headless_service():
@@ -605,14 +612,152 @@ def test_unknown_protocol_names_the_policy():
 
 def test_named_port_nobody_has_names_the_policy():
     objects = small_cluster(
-        acnp("no-such-port", {"ingress": [{"action": "Drop", "ports": [{"port": "gopher"}]}]}),
-    )
-    one_line_error(objects, "gopher", "no-such-port")
+        acnp("no-such-port", {"appliedTo": EVERY,
+                              "ingress": [{"action": "Drop", "ports": [{"port": "gopher"}]}]}),
+    )  # fmt: skip
+    one_line_error(objects, "gopher", "no-such-port", "ingress[0]: ports[0]")
 
 
 def test_unsupported_peer():
-    objects = small_cluster(acnp("p", {"ingress": [{"action": "Drop", "from": [{"fqdn": "x"}]}]}))
+    objects = small_cluster(
+        acnp("p", {"appliedTo": EVERY, "ingress": [{"action": "Drop", "from": [{"fqdn": "x"}]}]})
+    )
     one_line_error(objects, "fqdn")
+
+
+DROP_FROM_CLIENTS = {"name": "no-clients", "action": "Drop",
+                     "from": [{"podSelector": app("client")}]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "policy, fragments",
+    [
+        # fields the lab does not implement: ignoring them would broaden the rule
+        (acnp("p", {"priority": 1, "appliedTo": EVERY, "ingress": [
+            {**DROP_FROM_CLIENTS, "protocols": [{"icmp": {"icmpType": 8}}]}]}),
+         ["ingress[0] (no-clients)", ".protocols"]),
+        (acnp("p", {"priority": 1, "appliedTo": EVERY, "egress": [
+            {"action": "Drop", "toServices": [{"name": "web", "namespace": "a"}]}]}),
+         ["egress[0]", ".toServices"]),
+        (acnp("p", {"priority": 1, "appliedTo": EVERY, "egress": [
+            {"action": "Allow", "to": [{"podSelector": {}}],
+             "l7Protocols": [{"http": {"path": "/x"}}]}]}),
+         ["egress[0]", ".l7Protocols"]),
+        (acnp("p", {"priority": 1, "appliedTo": EVERY, "ingress": [
+            {"action": "Drop",
+             "from": [{"podSelector": app("web"), "namespaces": {"match": "Self"}}]}]}),
+         ["ingress[0]: from[0].namespaces"]),
+        (acnp("p", {"priority": 1, "appliedTo": EVERY, "ingress": [
+            {"action": "Drop", "from": [{"serviceAccount": {"name": "sa", "namespace": "a"}}]}]}),
+         ["ingress[0]: from[0].serviceAccount"]),
+        (acnp("p", {"priority": 1, "appliedTo": EVERY, "ingress": [
+            {"action": "Drop", "from": [{"podSelector": {}}, {"group": "g"}]}]}),
+         ["ingress[0]: from[1].group"]),
+        (acnp("p", {"priority": 1, "appliedTo": [{"group": "g"}], "ingress": [DROP_FROM_CLIENTS]}),
+         ["spec.appliedTo[0].group"]),
+        (acnp("p", {"priority": 1, "appliedTo": [
+            {"podSelector": app("db"), "serviceAccount": {"name": "sa", "namespace": "a"}}],
+            "ingress": [DROP_FROM_CLIENTS]}),
+         ["spec.appliedTo[0].serviceAccount"]),
+        (acnp("p", {"priority": 1, "ingress": [
+            {**DROP_FROM_CLIENTS, "appliedTo": [{"service": {"name": "web", "namespace": "a"}}]}]}),
+         ["ingress[0] (no-clients): appliedTo[0].service"]),
+        (acnp("p", {"priority": 1, "appliedTo": EVERY, "ingress": [
+            {"action": "Drop", "ports": [{"protocol": "TCP", "port": 80, "sourcePort": 1000}]}]}),
+         ["ingress[0]: ports[0].sourcePort"]),
+        (acnp("p", {"priority": 1, "appliedTo": EVERY, "ingress": [
+            {"action": "Drop", "to": [{"podSelector": {}}]}]}),
+         ["ingress[0].to"]),  # an ingress rule has peers in `from`
+        (acnp("p", {"priority": 1, "appliedTo": EVERY, "stage": "x", "ingress": []}),
+         ["spec.stage"]),
+        (anp("a", "p", {"priority": 1, "appliedTo": [
+            {"namespaceSelector": {}, "podSelector": app("db")}], "ingress": [DROP_FROM_CLIENTS]}),
+         ["spec.appliedTo[0].namespaceSelector"]),  # an ANP applies in its namespace only
+        (k8s_np("a", "p", {"podSelector": {}, "ingress": [
+            {"from": [{"podSelector": {}, "serviceAccount": {"name": "sa"}}]}]}),
+         ["NetworkPolicy a/p", "ingress[0]: from[0].serviceAccount"]),
+        (k8s_np("a", "p", {"podSelector": {}, "egress": [
+            {"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]}]}),
+         ["egress[0]: to[0]", "ipBlock"]),
+        (k8s_np("a", "p", {"podSelector": {}, "egress": [
+            {"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "exclude": ["10.1.0.0/16"]}}]}]}),
+         ["egress[0]: to[0].ipBlock.exclude"]),
+        (k8s_np("a", "p", {"podSelector": {}, "ingress": [{"from": [{}]}]}),
+         ["ingress[0]: from[0] is empty"]),
+        # what Antrea requires, so that nothing defaults to a broader rule
+        (acnp("p", {"priority": 1, "ingress": [DROP_FROM_CLIENTS]}),
+         ["ingress[0] (no-clients)", "no appliedTo"]),
+        (acnp("p", {"priority": 1, "ingress": [
+            {**DROP_FROM_CLIENTS, "appliedTo": [{"podSelector": app("db")}]},
+            {"action": "Allow"}]}),
+         ["ingress[1]", "no appliedTo"]),
+        (acnp("p", {"priority": 1, "appliedTo": EVERY, "ingress": [
+            {**DROP_FROM_CLIENTS, "appliedTo": [{"podSelector": app("db")}]}]}),
+         ["ingress[0] (no-clients)", "appliedTo is set in the rule and in the spec"]),
+        (acnp("p", {"priority": 1}), ["ClusterNetworkPolicy p", "no appliedTo"]),
+        (acnp("p", {"priority": 1, "appliedTo": [{}], "ingress": [DROP_FROM_CLIENTS]}),
+         ["spec.appliedTo[0] is empty"]),
+        (acnp("p", {"priority": 1, "appliedTo": EVERY, "ingress": [
+            {"from": [{"podSelector": app("client")}]}]}),
+         ["ingress[0]", "action is missing"]),
+        (acnp("p", {"priority": 1, "tier": "baseline", "appliedTo": EVERY,
+                    "ingress": [DROP_FROM_CLIENTS]}),
+         ["spec.tier baseline"]),
+        (acnp("p", {"priority": 1, "tier": "mine", "appliedTo": EVERY,
+                    "ingress": [DROP_FROM_CLIENTS]}),
+         ["spec.tier 'mine'"]),
+    ],
+)  # fmt: skip
+def test_what_the_lab_does_not_implement_is_a_one_line_error(policy, fragments):
+    kind = policy["kind"]
+    message = one_line_error(small_cluster(policy), *fragments)
+    assert message.startswith(f"{kind} "), message
+
+
+def test_rule_level_applied_to():
+    objects = small_cluster(
+        acnp("per-rule", {"priority": 1, "ingress": [
+            {"action": "Drop", "appliedTo": [{"podSelector": app("db")}]},
+            {"action": "Allow", "appliedTo": [
+                {"namespaceSelector": {"matchLabels": {"team": "blue"}}},
+                {"podSelector": app("web")}],
+             "ports": [{"port": "http"}]}]}),
+    )  # fmt: skip
+    drop, allow = build_cluster(objects).antrea_rules
+    assert keys(drop.applied_to) == ["a/y"]
+    assert keys(allow.applied_to) == ["a/x", "a/z", "b/w", "b/x"]
+    # a named port resolves on the Pods its own rule applies to (a/y has no port "http")
+    assert allow.ports == (PortMatch("TCP", 8080), PortMatch("TCP", 9090))
+
+
+def test_tiers_come_before_priorities():
+    objects = small_cluster(
+        acnp("app-first", {"priority": 1, "appliedTo": EVERY, "ingress": [{"action": "Drop"}]}),
+        acnp("ops", {"priority": 50, "tier": "securityops", "appliedTo": EVERY,
+                     "ingress": [{"action": "Allow"}]}),
+        acnp("emergency", {"priority": 90, "tier": "Emergency", "appliedTo": EVERY,
+                           "ingress": [{"action": "Pass"}]}),  # Antrea 0.9's name
+        anp("a", "platform", {"priority": 2, "tier": "platform", "appliedTo": EVERY,
+                              "ingress": [{"action": "Reject"}]}),
+    )  # fmt: skip
+    order = [r.policy_name for r in build_cluster(objects).antrea_rules]
+    assert order == ["emergency", "ops", "platform", "app-first"]
+
+
+def test_rule_ids_that_collide_are_refused():
+    # Rule ids are 30-bit hashes: these names were searched for so that they collide.
+    twins = [acnp(n, {"priority": 1, "appliedTo": EVERY, "ingress": [{"action": "Drop"}]})
+             for n in ("twin-2f79f", "twin-5d861")]  # fmt: skip
+    assert len({rule_id(3, "", p["metadata"]["name"], "ingress", 0) for p in twins}) == 1
+    one_line_error(small_cluster(*twins), "collides", "twin-2f79f", "twin-5d861")
+
+
+def test_a_rule_id_that_collides_with_an_isolation_drop_is_refused():
+    # An Antrea rule with the id of the isolation drop would be reported as the isolation.
+    name = "collide-1e976de8"  # searched for: its first ingress rule hashes to that id
+    assert rule_id(3, "", name, "ingress", 0) == ISOLATION_INGRESS_ID
+    policy = acnp(name, {"priority": 1, "appliedTo": EVERY, "ingress": [{"action": "Drop"}]})
+    one_line_error(small_cluster(policy), "collides", name, "isolation")
 
 
 # -- inventory ----------------------------------------------------------------------------
@@ -708,11 +853,11 @@ def test_default_inventory_rules_by_id(default):
 
 def test_custom_inventory_rules_round_trip():
     objects = small_cluster(
-        anp("a", "guard", {"priority": 3, "ingress": [
+        anp("a", "guard", {"priority": 3, "appliedTo": EVERY, "ingress": [
             {"action": "Pass", "name": "to-k8s"}, {"action": "Reject"}],
             "egress": [{"action": "Drop", "name": "no-out"}, {"action": "Allow"}]}),
-        acnp("global", {"priority": 1, "egress": [{"action": "Allow", "name": "dns",
-                                                   "ports": [{"protocol": "UDP", "port": 53}]}]}),
+        acnp("global", {"priority": 1, "appliedTo": EVERY, "egress": [
+            {"action": "Allow", "name": "dns", "ports": [{"protocol": "UDP", "port": 53}]}]}),
         k8s_np("b", "iso", {"podSelector": {}, "ingress": [{}, {}], "egress": [{}]}),
     )  # fmt: skip
     cluster = build_cluster(objects)
@@ -736,7 +881,7 @@ def test_inventory_of_an_antrea_and_a_k8s_policy_with_the_same_name():
     # same namespace and name; each must carry its own rule ids.
     objects = small_cluster(
         k8s_np("a", "same", {"podSelector": app("db"), "ingress": [{}]}),
-        anp("a", "same", {"priority": 1, "ingress": [{"action": "Drop"}]}),
+        anp("a", "same", {"priority": 1, "appliedTo": EVERY, "ingress": [{"action": "Drop"}]}),
     )
     cluster = build_cluster(objects)
     inventory, store = store_of(cluster)

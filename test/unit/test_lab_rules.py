@@ -18,6 +18,7 @@ from fractions import Fraction
 import pytest
 
 from antrea_flow.conntrack.parser import Entry
+from antrea_flow.exporter.denyqueue import QUEUE_LENGTH
 from antrea_flow.exporter.enrich import Enricher
 from antrea_flow.k8s.stores import MetadataStore, pack_ip
 from antrea_flow.lab.cluster import (
@@ -210,8 +211,12 @@ class Document:
                 module = rule[i + 1]
                 i += 2
                 if module == "conntrack":
+                    if rule[i] == "!":
+                        negate = True
+                        i += 1
                     assert rule[i] == "--ctstate", rule
-                    matched &= packet.state in rule[i + 1].split(",")
+                    matched &= (packet.state in rule[i + 1].split(",")) != negate
+                    negate = False
                     i += 2
                 elif module == "mark":
                     if rule[i] == "!":
@@ -241,7 +246,7 @@ class Document:
                     raise AssertionError(f"evaluator does not know -m {module}: {rule}")
             else:
                 raise AssertionError(f"evaluator does not know {token}: {rule}")
-            assert not negate, f"negation only supported for -m mark: {rule}"
+            assert not negate, f"negation only supported for -m mark and -m conntrack: {rule}"
         if matched:
             for n in labels_to_set:  # a rule of matches only: connlabel --set still applies
                 state["labels"].add(n)
@@ -270,10 +275,14 @@ class Lab:
     def packet(self, src, dst, proto, dport, version):
         return Packet(self.ip(src, version), self.ip(dst, version), proto, dport)
 
-    def decide(self, node, src, dst, proto="tcp", dport=8080, version=4, over_limit=False):
-        """(mangle outcome, filter outcome) of a new connection's first packet on `node`."""
+    def decide(
+        self, node, src, dst, proto="tcp", dport=8080, version=4, over_limit=False, state="NEW"
+    ):
+        """(mangle outcome, filter outcome) of a new connection's first packet on `node` (or
+        of a packet in another conntrack state)."""
         doc = self.documents[(node, version)]
         packet = self.packet(src, dst, proto, dport, version)
+        packet.state = state
         mangle = doc.evaluate("mangle", "FORWARD", packet, over_limit)
         filtered = doc.evaluate("filter", "FORWARD", packet)
         return mangle, filtered
@@ -399,6 +408,26 @@ def test_denied_over_the_rate_is_accepted_in_mangle_with_the_not_queued_comment(
     assert mangle.comment == NOT_QUEUED_COMMENT
     assert mangle.mark == ISOLATION_INGRESS_ID
     assert filtered.verdict == "DROP"  # enforcement does not depend on the queue
+
+
+@VERSIONS
+def test_invalid_packets_are_queued_as_the_filter_denies_them(lab, version):
+    # conntrack INVALID (e.g. a TCP RST of no connection) is not ESTABLISHED: the filter's
+    # policy chains deny it, so the agent must be handed it like a new connection's packet.
+    mangle, filtered = lab.decide(
+        "node-2", "backend/db", "backend/web-2", "tcp", 80, version, state="INVALID"
+    )
+    assert_dropped(mangle, filtered, ISOLATION_INGRESS_ID)
+    reject_id = lab.rule("acnp-db-guard", "ingress", 0)
+    mangle, filtered = lab.decide(
+        "node-2", "frontend/client-2", "backend/db", "tcp", 80, version, state="INVALID"
+    )
+    assert_rejected(mangle, filtered, reject_id, "tcp-reset")
+    for state in ("ESTABLISHED", "RELATED"):
+        mangle, filtered = lab.decide(
+            "node-2", "backend/db", "backend/web-2", "tcp", 80, version, state=state
+        )
+        assert (mangle.verdict, mangle.queue, filtered.verdict) == ("ACCEPT", None, "ACCEPT")
 
 
 @VERSIONS
@@ -660,6 +689,60 @@ def test_reject_rule_with_ports():
         assert_rejected(mangle, filtered, reject_id, "tcp-reset")
         mangle, filtered = lab.decide("node-2", "backend/web-2", "backend/db", "udp", 53, version)
         assert_rejected(mangle, filtered, reject_id, REJECT_ICMP[version])
+
+
+def test_rule_level_applied_to_is_enforced_per_rule():
+    lab = custom(
+        acnp("per-rule", {"priority": 0.5, "ingress": [
+            {"name": "db-from-web", "action": "Drop", "from": [app("web")],
+             "appliedTo": [app("db")]},
+            {"name": "web-from-db", "action": "Drop", "from": [app("db")],
+             "appliedTo": [app("web")]}]}),
+    )  # fmt: skip
+    db_rule, web_rule = lab.rule("per-rule", "ingress", 0), lab.rule("per-rule", "ingress", 1)
+    assert_dropped(*lab.decide("node-2", "backend/web-2", "backend/db", "tcp", 5432), db_rule)
+    assert_dropped(*lab.decide("node-2", "backend/db", "backend/web-2", "tcp", 8080), web_rule)
+    # neither rule applies to client-2 (the db rule is not applied to web Pods, and so on)
+    assert_allowed(*lab.decide("node-2", "backend/db", "frontend/client-2", "tcp", 80))
+    k8s_id = lab.rule("web-allow-frontend", "ingress", 0)
+    assert_allowed(*lab.decide("node-2", "frontend/client-2", "backend/web-2", "tcp", 8080),
+                   ingress=k8s_id)  # fmt: skip
+
+
+# -- the deny handoff ---------------------------------------------------------------------
+
+
+def limits(doc):
+    """(chain, rule) of every rule of the mangle table with a rate limit."""
+    return [(chain, rule) for chain, rule in doc.lines("mangle") if "limit" in rule]
+
+
+@VERSIONS
+def test_every_deny_rule_of_a_node_shares_one_limit(version):
+    # node-2 of the default cluster has three deny rules (ingress isolation of web-2, reject
+    # of clients to db, and the egress guard's drop below): one limit for all of them.
+    lab = custom(*EGRESS_CLUSTER)
+    doc = lab.documents[("node-2", version)]
+    deny_chains = {
+        name: rules
+        for name, rules in doc.tables["mangle"]["chains"].items()
+        if name.startswith("AFL-DENY-")
+    }
+    assert len(deny_chains) == 3
+    ((packet_in, rule),) = limits(doc)
+    assert rule[rule.index("-j") + 1] == "NFQUEUE"
+    for name, rules in deny_chains.items():
+        mark = name.removeprefix("AFL-DENY-")
+        assert rules == [["-j", "MARK", "--set-mark", mark], ["-g", packet_in]], name
+
+
+@VERSIONS
+def test_a_burst_fits_in_the_agents_queue(lab, version):
+    # A packet that finds the agent's queue full goes on uncounted (fail open): a burst
+    # alone must not fill it.
+    for name in ("node-1", "node-2"):
+        ((_, rule),) = limits(lab.documents[(name, version)])
+        assert int(rule[rule.index("--limit-burst") + 1]) <= QUEUE_LENGTH, name
 
 
 # -- ct labels ----------------------------------------------------------------------------
