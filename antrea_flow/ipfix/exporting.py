@@ -6,8 +6,9 @@ exponential backoff), announces the templates on every new transport session (an
 maximum message size allows. A record leaves the queue once its whole message is in the
 kernel's socket buffer; over TCP and TLS it is kept until the collector's host has
 acknowledged that message, and put back at the front of the queue if the session fails
-first. So a collector outage costs nothing within the queue bound and nothing is sent
-twice. Overflow drops the oldest records and counts them.
+first. So a collector outage costs nothing within the queue bound and nothing the
+collector's host acknowledged is sent again (`_take_back` says what TCP cannot tell).
+Overflow drops the oldest records and counts them.
 """
 
 from __future__ import annotations
@@ -60,14 +61,17 @@ class ExporterStats:
     records_sent: int = 0
     # Taken back out of records_sent into the queue, to go out again on the next session.
     records_requeued: int = 0
-    # Every record whose message went to the kernel, re-sent ones again: never decreases
-    # (what counters in metrics read; records_written - records_requeued = records_sent).
-    records_written: int = 0
     messages_sent: int = 0
     connections: int = 0  # successful (re)connections
     connect_failures: int = 0
     send_errors: int = 0
-    records_dropped: Counter[str] = field(default_factory=Counter)  # by reason
+    records_dropped: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def records_written(self) -> int:
+        """Every record whose message went to the kernel, re-sent ones again: never
+        decreases, so it is what counters in metrics read."""
+        return self.records_sent + self.records_requeued  # by reason
     connected: bool = False
 
 
@@ -552,9 +556,7 @@ class ExportingProcess:
                     # this message, so its records go back to the front for the next session.
                     self._requeue([batch])
                     raise
-                count = sum(len(records) for _, records in batch)
-                self.stats.records_sent += count
-                self.stats.records_written += count
+                self.stats.records_sent += sum(len(records) for _, records in batch)
                 self.stats.messages_sent += 1
                 if not udp:
                     unacknowledged.append((connection.written, batch))
