@@ -65,14 +65,14 @@ class ExporterStats:
     connections: int = 0  # successful (re)connections
     connect_failures: int = 0
     send_errors: int = 0
-    records_dropped: Counter[str] = field(default_factory=Counter)
+    records_dropped: Counter[str] = field(default_factory=Counter)  # by reason
+    connected: bool = False
 
     @property
     def records_written(self) -> int:
         """Every record whose message went to the kernel, re-sent ones again: never
         decreases, so it is what counters in metrics read."""
-        return self.records_sent + self.records_requeued  # by reason
-    connected: bool = False
+        return self.records_sent + self.records_requeued
 
 
 def _describe(exc: BaseException) -> str:
