@@ -100,10 +100,11 @@ AGGREGATOR_EXTRA_IES = [
     ("throughputFromDestinationNode", 56506, 148, "unsigned64"),
     ("reverseThroughputFromSourceNode", 56506, 149, "unsigned64"),
     ("reverseThroughputFromDestinationNode", 56506, 150, "unsigned64"),
-    # unsigned32 since go-ipfix 0.8 (it was dateTimeSeconds before); Antrea's IE table says
-    # unsigned32 too.
-    ("flowEndSecondsFromSourceNode", 56506, 151, "unsigned32"),
-    ("flowEndSecondsFromDestinationNode", 56506, 152, "unsigned32"),
+    # dateTimeSeconds in go-ipfix's registry (its #320; Antrea's IE table still says
+    # unsigned32): the same 4 bytes, but consumers that go by type (Logstash, ClickHouse
+    # mappings) read a time.
+    ("flowEndSecondsFromSourceNode", 56506, 151, "dateTimeSeconds"),
+    ("flowEndSecondsFromDestinationNode", 56506, 152, "dateTimeSeconds"),
     ("sourcePodLabels", 56506, 143, "string"),
     ("destinationPodLabels", 56506, 144, "string"),
     ("flowDirection", 0, 61, "unsigned8"),
