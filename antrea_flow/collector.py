@@ -7,16 +7,13 @@ whose output is easy to read and to parse.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
-import os
 import signal
-import socket
 import sys
 from typing import TextIO
 
-from .errors import UsageError
-from .ipfix.address import TransportAddress, parse_address
+from .errors import UsageError, cannot_listen
+from .ipfix.address import parse_address
 from .ipfix.collecting import CollectingProcess, Peer
 from .ipfix.messages import Message
 from .ipfix.render import json_line, message_records, text_line
@@ -58,21 +55,11 @@ def build_collector(args, out: TextIO) -> CollectingProcess:
     return CollectingProcess(address, handle, ssl_context=ssl_context)
 
 
-def _listen_error(value: str, address: TransportAddress, exc: OSError) -> UsageError:
-    if isinstance(exc, socket.gaierror):
-        return UsageError(f"--address {value}: cannot resolve {address.host!r}: {exc.strerror}")
-    # asyncio wraps bind errors in a sentence that repeats the address; the errno suffices.
-    reason = os.strerror(exc.errno) if exc.errno else str(exc)
-    if exc.errno == errno.EADDRNOTAVAIL:
-        reason += f" ({address.host} is not an address of this host)"
-    return UsageError(f"--address {value}: cannot listen: {reason}")
-
-
 async def run(collector: CollectingProcess, address: str) -> None:
     try:
         await collector.start()
     except OSError as exc:
-        raise _listen_error(address, collector.address, exc) from None
+        raise cannot_listen(f"--address {address}", collector.address.host, exc) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .errors import cannot_listen
 from .ipfix.address import TransportAddress
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,13 @@ async def run_until_signalled(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    server = serve(registry, address)[0] if address is not None else None
+    server = None
+    if address is not None:
+        try:
+            server = serve(registry, address)[0]
+        except OSError as exc:
+            setting = f"metricsBindAddress {address.host_port!r}"
+            raise cannot_listen(setting, address.host, exc) from None
     try:
         await run(stop)
     finally:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
-from ..errors import UsageError
+from ..errors import UsageError, cannot_listen
 from ..ipfix.address import is_ip
 from ..ipfix.collecting import CollectingProcess, Peer
 from ..ipfix.messages import Message
@@ -132,7 +132,25 @@ class Aggregator:
     async def run(self, stop: asyncio.Event) -> None:
         if self.inventory is not None:
             self.inventory.refresh()
-        await self.collector.start()
+        try:
+            await self.collector.start()
+        except OSError as exc:
+            listen = self.config.listen
+            raise cannot_listen(
+                f"listenAddress {listen.host_port!r} ({listen.protocol})", listen.host, exc
+            ) from None
+        config = self.config
+        log.info(
+            "flow aggregator listening on %s%s; exporting every %ss to %s",
+            config.listen,
+            f" (certificates in {config.cert_dir})" if config.tls else "",
+            config.export_interval,
+            ", ".join(
+                [str(config.external_collector)] * bool(config.external_collector)
+                + [config.json_log] * bool(config.json_log)
+            )
+            or "nowhere (no externalFlowCollectorAddr, no jsonLogPath)",
+        )
         for sink in self.sinks:
             sink.start()
         try:
@@ -230,16 +248,5 @@ def main(args) -> int:
         aggregator = Aggregator(config)
     except OSError as exc:
         raise UsageError(f"certDir {config.cert_dir}: {exc.strerror or exc}") from None
-    log.info(
-        "flow aggregator listening on %s%s; exporting every %ss to %s",
-        config.listen,
-        f" (certificates in {config.cert_dir})" if config.tls else "",
-        config.export_interval,
-        ", ".join(
-            [str(config.external_collector)] * bool(config.external_collector)
-            + [config.json_log] * bool(config.json_log)
-        )
-        or "nowhere (no externalFlowCollectorAddr, no jsonLogPath)",
-    )
     asyncio.run(run_until_signalled(aggregator.run, aggregator.registry, config.metrics_address))
     return 0

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -633,3 +634,56 @@ def test_bad_config_stops_start_up_with_one_line_naming_the_key(tmp_path, key, e
     assert len(lines) == 1, result.stderr
     assert key in lines[0] and str(path) in lines[0]
     assert not (tmp_path / "certs").exists(), "certificates written before the config was read"
+
+
+def _aggregator_exit(tmp_path: Path, **config: Any) -> tuple[int, list[str]]:
+    """Run the aggregator with `config` until it exits; (status, stderr lines)."""
+    path = tmp_path / "flow-aggregator.conf"
+    path.write_text(yaml.safe_dump({"certDir": str(tmp_path / "certs"), **config}))
+    result = subprocess.run(
+        [*_cli(), "aggregator", "--config", str(path)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return result.returncode, [line for line in result.stderr.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(
+    ("protocol", "kind"), [("tls", socket.SOCK_STREAM), ("udp", socket.SOCK_DGRAM)]
+)
+def test_a_busy_listen_address_is_one_line_naming_the_key_and_address(tmp_path, protocol, kind):
+    with socket.socket(socket.AF_INET, kind) as taken:
+        taken.bind(("127.0.0.1", 0))
+        if kind == socket.SOCK_STREAM:
+            taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        status, lines = _aggregator_exit(
+            tmp_path,
+            listenAddress=address,
+            aggregatorTransportProtocol=protocol,
+            metricsBindAddress="",
+        )
+    assert status == 2
+    assert lines[-1] == (
+        f"antrea-flow aggregator: listenAddress '{address}' ({protocol}): cannot listen: "
+        "Address already in use"
+    ), lines
+    assert not any("listening on" in line for line in lines), "claimed to listen before binding"
+
+
+def test_a_busy_metrics_address_is_one_line_naming_the_key_and_address(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        status, lines = _aggregator_exit(
+            tmp_path, listenAddress=f"127.0.0.1:{free_port()}", metricsBindAddress=address
+        )
+    assert status == 2
+    assert lines[-1] == (
+        f"antrea-flow aggregator: metricsBindAddress '{address}': cannot listen: "
+        "Address already in use"
+    ), lines
