@@ -22,7 +22,12 @@ Better than upstream:
   (and counted), not dropped;
 - a flow that ended is exported at once rather than at its next interval;
 - a repeated record (same side, end time and totals) is ignored, while two records of one
-  second with different counts both count.
+  second with different counts both count;
+- a new connection on the 5-tuple of one that ended (fixed-port UDP, fast reconnects) is a
+  new flow: a side's record with another start time, lower totals after the end of flow, or
+  the other side's first record starting after that end. The old flow is exported first if
+  it has something unexported;
+- a throughput an unsigned64 cannot carry is clamped (and counted), never a dropped record.
 """
 
 from __future__ import annotations
@@ -47,6 +52,12 @@ IDENTITY_FIELDS = (
     "destinationClusterIPv6",
 )
 _EMPTY = (None, "", 0, "0.0.0.0", "::")
+MAX_UNSIGNED64 = (1 << 64) - 1
+_THROUGHPUTS = tuple(
+    f"{prefix}{side}"
+    for prefix in ("throughput", "reverseThroughput")
+    for side in ("", "FromSourceNode", "FromDestinationNode")
+)
 SIDES = ("SourceNode", "DestinationNode")
 _TOTALS = (
     "packetTotalCount",
@@ -103,11 +114,12 @@ class _SideStats:
     __slots__ = (
         "packets", "octets", "reverse_packets", "reverse_octets",
         "d_packets", "d_octets", "d_reverse_packets", "d_reverse_octets",
-        "end", "throughput", "reverse_throughput",
+        "start", "end", "throughput", "reverse_throughput",
     )  # fmt: skip
 
     def __init__(self, record: dict[str, Any]):
         get = record.get
+        self.start = get("flowStartSeconds", 0)  # the Node's start time of its connection
         self.packets, self.octets = get("packetTotalCount", 0), get("octetTotalCount", 0)
         self.reverse_packets = get("reversePacketTotalCount", 0)
         self.reverse_octets = get("reverseOctetTotalCount", 0)
@@ -115,9 +127,14 @@ class _SideStats:
         self.d_reverse_packets = get("reversePacketDeltaCount", 0)
         self.d_reverse_octets = get("reverseOctetDeltaCount", 0)
         self.end = get("flowEndSeconds", 0)
-        span = self.end - get("flowStartSeconds", 0)
+        span = self.end - self.start
         self.throughput = _throughput(self.octets, span)
         self.reverse_throughput = _throughput(self.reverse_octets, span)
+
+    def lower_totals(self, record: dict[str, Any]) -> bool:
+        """The record counts less than this side did: a connection that began again."""
+        get = record.get
+        return get("packetTotalCount", 0) < self.packets or get("octetTotalCount", 0) < self.octets
 
     def same_totals(self, record: dict[str, Any]) -> bool:
         get = record.get
@@ -201,8 +218,10 @@ class AggregationStats:
     ignored: Counter[str] = field(default_factory=Counter)  # records not aggregated, by reason
     correlated: int = 0
     correlation_timeouts: int = 0
+    new_connections: int = 0  # flows replaced by a new connection on their 5-tuple
     exported: int = 0
     removed: int = 0
+    clamped: Counter[str] = field(default_factory=Counter)  # exported values, by element
 
 
 def _needs_peer(record: dict[str, Any]) -> bool:
@@ -222,6 +241,23 @@ def _throughput(octets: int, seconds: int) -> int:
     return octets * 8 // seconds if seconds > 0 else 0
 
 
+def _ended(flow: Flow) -> bool:
+    return flow.record.get("flowEndReason") == END_OF_FLOW
+
+
+def _new_connection(flow: Flow, record: dict[str, Any]) -> bool:
+    """Whether `record` is of another connection than `flow`, on the same 5-tuple."""
+    start = record.get("flowStartSeconds", 0)
+    for side in _side(record):
+        stats = flow.source if side == "SourceNode" else flow.destination
+        if stats is not None:
+            # A Node reports one start time per connection; after the end of flow, lower
+            # totals tell a connection that began again within the same second.
+            return start != stats.start or (_ended(flow) and stats.lower_totals(record))
+    # The first record of this side: a new connection if it began after the flow ended.
+    return _ended(flow) and start > flow.record.get("flowEndSeconds", 0)
+
+
 class AggregationStore:
     """Flows being aggregated; all timing from the `now` the caller passes."""
 
@@ -233,14 +269,18 @@ class AggregationStore:
         self._flows: dict[tuple, Flow] = {}
         self._heap: list[tuple[float, int, Flow]] = []
         self._sequence = itertools.count()
+        self._waiting = 0
+        # Records of flows a new connection replaced, exported by the next `expire`.
+        self._retired: list[dict[str, Any]] = []
+        self._retired_at: float | None = None
 
     def __len__(self) -> int:
         return len(self._flows)
 
     @property
     def waiting(self) -> int:
-        """Flows waiting for the other Node's half."""
-        return sum(1 for f in self._flows.values() if not f.ready)
+        """Flows waiting for the other Node's half (kept as flows change: O(1))."""
+        return self._waiting
 
     def get(self, key: tuple) -> Flow | None:
         return self._flows.get(key)
@@ -255,6 +295,9 @@ class AggregationStore:
             self.stats.ignored["no_addresses"] += 1
             return
         flow = self._flows.get(key)
+        if flow is not None and _new_connection(flow, record):
+            self._retire(flow, now)
+            flow = None
         if flow is None:
             self._create(key, record, exporter, now)
             return
@@ -265,7 +308,7 @@ class AggregationStore:
         flow.updated = True
         if flow.both_sides:
             if not flow.ready:
-                flow.ready = True
+                self._set_ready(flow)
                 self.stats.correlated += 1
             flow.incomplete = False
         if flow.ready:
@@ -290,8 +333,30 @@ class AggregationStore:
             exporter=exporter,
         )
         self._flows[key] = flow
+        if needs_peer:
+            self._waiting += 1
         stats.set_common(flow.record)
         self._schedule(flow, now if flow.ready else now + self.correlation_timeout)
+
+    def _set_ready(self, flow: Flow, incomplete: bool = False) -> None:
+        """The flow stops waiting for its peer: it found it, or it goes out without it."""
+        flow.ready = True
+        self._waiting -= 1
+        if incomplete:
+            flow.incomplete = True
+            self.stats.correlation_timeouts += 1
+
+    def _retire(self, flow: Flow, now: float) -> None:
+        """A new connection takes the flow's 5-tuple: what the flow has not exported yet
+        goes out with the next `expire`, and the flow is forgotten."""
+        del self._flows[flow.key]
+        self.stats.new_connections += 1
+        if not flow.ready:
+            self._set_ready(flow, incomplete=True)
+        if flow.updated:
+            self._retired.append(self._export(flow, now))
+            if self._retired_at is None:
+                self._retired_at = now
 
     def _aggregate(self, flow: Flow, record: dict[str, Any]) -> bool:
         """Merge a later record of the flow; False when it was ignored (a repeat or stale)."""
@@ -345,15 +410,24 @@ class AggregationStore:
         heapq.heappush(self._heap, (deadline, next(self._sequence), flow))
 
     def next_event(self) -> float | None:
+        """When `expire` has something to do next (None: nothing is scheduled)."""
         heap = self._heap
         while heap and heap[0][2].heap_deadline != heap[0][0]:
             heapq.heappop(heap)
-        return heap[0][0] if heap else None
+        due = heap[0][0] if heap else None
+        if self._retired_at is not None:
+            return self._retired_at if due is None else min(due, self._retired_at)
+        return due
+
+    def _take_retired(self) -> list[dict[str, Any]]:
+        out, self._retired, self._retired_at = self._retired, [], None
+        return out
 
     def expire(self, now: float, limit: int | None = None) -> list[dict[str, Any]]:
         """Records to export now (aggregated, with per-Node counters and provenance); at
-        most `limit`, the rest stay due for the next call."""
-        out = []
+        most `limit` (besides those of flows a new connection replaced), the rest stay due
+        for the next call."""
+        out = self._take_retired()
         heap = self._heap
         while heap and heap[0][0] <= now and (limit is None or len(out) < limit):
             deadline, _, flow = heapq.heappop(heap)
@@ -364,9 +438,7 @@ class AggregationStore:
                 continue
             if not flow.ready:
                 if now - flow.first_seen >= self.correlation_timeout:
-                    flow.ready = True
-                    flow.incomplete = True
-                    self.stats.correlation_timeouts += 1
+                    self._set_ready(flow, incomplete=True)
                 else:
                     self._schedule(flow, flow.first_seen + self.correlation_timeout)
                     continue
@@ -385,10 +457,11 @@ class AggregationStore:
     def drain(self, now: float) -> list[dict[str, Any]]:
         """On shutdown: every flow updated since its last export, waiting ones included
         (flagged incomplete), so stopping loses nothing received."""
-        out = []
+        out = self._take_retired()
         for flow in self._flows.values():
             if not flow.ready:
-                flow.ready = flow.incomplete = True
+                self._set_ready(flow)
+                flow.incomplete = True
             if flow.updated:
                 out.append(self._export(flow, now))
         return out
@@ -404,6 +477,11 @@ class AggregationStore:
         ] = address
         record["originalObservationDomainId"] = domain
         record["incomplete"] = flow.incomplete
+        for name in _THROUGHPUTS:
+            value = record[name]
+            if not 0 <= value <= MAX_UNSIGNED64:
+                record[name] = 0 if value < 0 else MAX_UNSIGNED64
+                self.stats.clamped[name] += 1
         totals = tuple(record.get(name, 0) for name in _TOTALS)
         for name, total, before in zip(_DELTAS, totals, flow.exported_totals, strict=True):
             record[name] = max(0, total - before)

@@ -223,6 +223,18 @@ class Aggregator:
             "Flows exported incomplete: the other Node's record never came.",
             stats.correlation_timeouts,
         )
+        yield counter(
+            "antrea_flow_aggregator_new_connections_total",
+            "Flows replaced by a new connection on their 5-tuple (after their end, or from a "
+            "Node reporting another start time).",
+            stats.new_connections,
+        )
+        yield labelled_counter(
+            "antrea_flow_aggregator_values_clamped_total",
+            "Exported values that did not fit their element (throughputs), clamped, by element.",
+            "element",
+            dict(stats.clamped),
+        )
         yield gauge(
             "antrea_flow_aggregator_connected_exporters",
             "Agents connected now.",
@@ -233,7 +245,15 @@ class Aggregator:
             "Connections refused during the TLS handshake, by reason.",
             "reason",
             dict(collector.refused),
-            always=("not_tls", "no_client_certificate", "untrusted_certificate"),
+            always=(
+                "not_tls",
+                "no_client_certificate",
+                "untrusted_certificate",
+                "expired_certificate",
+                "certificate_not_yet_valid",
+                "wrong_certificate_purpose",
+                "bad_certificate_signature",
+            ),
         )
         yield counter(
             "antrea_flow_aggregator_records_lost_total",

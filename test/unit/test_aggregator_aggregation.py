@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 
 from antrea_flow.aggregator.aggregation import AggregationStore
-from antrea_flow.ipfix.antrea import exporter_templates
+from antrea_flow.ipfix.antrea import aggregator_templates, exporter_templates
 
 TEMPLATE_V4 = exporter_templates()[0]
+AGGREGATOR_V4 = aggregator_templates()[0]
 NODE1 = ("192.168.77.101", 1)
 NODE2 = ("192.168.77.102", 2)
 COUNTERS = ("packet", "octet", "reversePacket", "reverseOctet")
@@ -341,3 +342,115 @@ def test_next_event_tells_when_expire_must_run():
     assert len(store.expire(170)) == 1
     following = store.next_event()
     assert following is not None and following > 170
+
+
+# -- 10. a new connection on the 5-tuple of an ended one ---------------------------------------
+# Fixed-port UDP (NTP 123 to 123, DNS) and fast reconnects reuse a 5-tuple every day: the
+# new connection is a new flow, never merged into the one that ended.
+
+NEW_START = 2000
+
+
+def test_a_new_connection_after_end_of_flow_is_a_new_flow():
+    store = new_store()
+    store.add(record("intra", 1060, (10, 10000, 10, 10000), reason=3), NODE1, 1060.0)
+    (ended,) = store.expire(1060.0)
+    assert ended["flowEndReason"] == 3
+    # The same 5-tuple again, a new connection: its own start, small counts, still active.
+    store.add(
+        record("intra", 2005, (1, 500, 1, 500), reason=2, flowStartSeconds=NEW_START),
+        NODE1,
+        2005.0,
+    )
+    (new,) = store.expire(2005.0)
+    assert new["flowStartSeconds"] == NEW_START
+    assert new["flowEndReason"] == 2, "the end of the old connection stuck to the new one"
+    assert common(new, "Total") == (1, 500, 1, 500)
+    assert common(new, "Delta") == (1, 500, 1, 500)
+    assert per_side(new, "SourceNode", "Delta") == (1, 500, 1, 500)
+    assert new["throughput"] == 500 * 8 // 5 and new["reverseThroughput"] == 500 * 8 // 5
+    assert new["throughputFromSourceNode"] >= 0
+
+
+def test_a_new_connection_in_the_same_second_is_told_apart_by_its_lower_counts():
+    store = new_store()
+    store.add(record("intra", 1060, (10, 10000, 10, 10000), reason=3), NODE1, 1060.0)
+    store.expire(1060.0)
+    # Same start second as the old one (a fast reconnect), counts lower than the old totals.
+    store.add(record("intra", 1060, (1, 500, 1, 500), reason=2), NODE1, 1061.0)
+    (new,) = store.expire(1061.0)
+    assert new["flowEndReason"] == 2
+    assert common(new, "Total") == (1, 500, 1, 500)
+    assert common(new, "Delta") == (1, 500, 1, 500)
+
+
+def test_a_new_connection_of_an_inter_node_flow_waits_for_its_own_peer():
+    store = new_store()
+    store.add(record("source", 1060, (10, 10000, 10, 10000), reason=3), NODE1, 1060.0)
+    store.add(record("destination", 1060, (10, 10000, 10, 10000), reason=3), NODE2, 1060.0)
+    (ended,) = store.expire(1060.0)
+    assert not ended["incomplete"]
+    new_source = record("source", 2005, (1, 500, 1, 500), flowStartSeconds=NEW_START)
+    store.add(new_source, NODE1, 2005.0)
+    assert store.expire(2005.0) == [], "the new half was merged into the ended flow"
+    store.add(
+        record("destination", 2006, (1, 500, 1, 500), flowStartSeconds=NEW_START), NODE2, 2006.0
+    )
+    (new,) = store.expire(2006.0)
+    assert not new["incomplete"]
+    assert new["flowStartSeconds"] == NEW_START and new["flowEndReason"] == 2
+    assert common(new, "Delta") == (1, 500, 1, 500)
+    for side in ("SourceNode", "DestinationNode"):
+        assert per_side(new, side, "Total") == (1, 500, 1, 500)
+
+
+def test_the_other_nodes_first_half_of_a_new_connection_is_not_merged_into_the_ended_flow():
+    # The old connection was only ever seen from node-1 (its node-2 half never came).
+    store = new_store()
+    store.add(record("source", 1060, (10, 10000, 10, 10000), reason=3), NODE1, 1060.0)
+    assert store.expire(1061.0) == []
+    # Node-2's first half of a connection that started after the old one ended.
+    store.add(record("destination", 1075, (1, 500, 1, 500), flowStartSeconds=1070), NODE2, 1075.0)
+    (old,) = store.expire(1075.0)
+    assert old["flowStartSeconds"] == START and old["incomplete"]
+    assert old["destinationPodName"] == "", "the new connection's half completed the old one"
+    assert store.waiting == 1, "the new connection's half does not wait for its own peer"
+
+
+def test_an_ended_flow_not_yet_exported_is_exported_before_the_new_one_replaces_it():
+    store = new_store()
+    # The old connection's source half ended, its peer never came: still waiting.
+    store.add(record("source", 1060, (10, 10000, 10, 10000), reason=3), NODE1, 1060.0)
+    assert store.expire(1060.0) == []
+    store.add(record("source", 2005, (1, 500, 1, 500), flowStartSeconds=NEW_START), NODE1, 1070.0)
+    out = store.expire(1070.0)
+    assert [r["flowStartSeconds"] for r in out] == [START], "the old half was lost"
+    assert out[0]["incomplete"] and out[0]["flowEndReason"] == 3
+    assert common(out[0], "Total") == (10, 10000, 10, 10000)
+
+
+def test_a_throughput_that_does_not_fit_its_element_is_clamped_and_counted():
+    store = new_store()
+    store.add(record("intra", 1010, (10, 10000, 10, 10000)), NODE1, 1010.0)
+    store.expire(1010.0)
+    # Totals that went down without a new start: no flow does this, but a record that says
+    # so must still be exported, with a throughput an unsigned64 can carry.
+    store.add(record("intra", 1075, (11, 500, 11, 20000)), NODE1, 1075.0)
+    (out,) = store.expire(1075.0)
+    assert out["throughput"] == 0 and out["throughputFromSourceNode"] == 0
+    assert out["reverseThroughput"] == 10000 * 8 // 65
+    assert store.stats.clamped["throughput"] == 1
+    assert store.stats.clamped["throughputFromSourceNode"] == 1
+    AGGREGATOR_V4.encode_mapping(out)  # the IPFIX sink can send it
+
+
+def test_every_record_of_a_reused_5_tuple_can_be_sent_over_ipfix():
+    store = new_store()
+    store.add(record("intra", 1060, (10, 10000, 10, 10000), reason=3), NODE1, 1060.0)
+    store.add(record("intra", 1062, (1, 500, 1, 500)), NODE1, 1062.0)
+    store.add(record("intra", 1070, (2, 900, 2, 900)), NODE1, 1070.0)
+    out = store.drain(1070.0)
+    assert [r["flowEndReason"] for r in out] == [3, 2]
+    for exported in out:
+        assert all(exported[name] >= 0 for name in exported if "hroughput" in name)
+        AGGREGATOR_V4.encode_mapping(exported)
