@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..logutil import LogOnce
+from ..tls.refusals import classify_refusal
 from .address import TransportAddress
 from .messages import Message, MessageError, SessionDecoder, StreamFramer
 
@@ -54,28 +55,6 @@ class CollectorStats:
     refused: Counter[str] = field(default_factory=Counter)  # TLS peers refused, by reason
     lost_records: int = 0  # missing according to sequence numbers
     handler_errors: int = 0
-
-
-def _tls_refusal(exc: BaseException) -> tuple[str, str]:
-    """(metric label, human explanation) for a failed server-side TLS handshake."""
-    reason = getattr(exc, "reason", None) or type(exc).__name__
-    text = str(reason).upper()
-    if isinstance(exc, TimeoutError):
-        return "handshake_timeout", "no TLS handshake within the timeout"
-    if "WRONG_VERSION_NUMBER" in text or "HTTP_REQUEST" in text or "RECORD_LAYER" in text:
-        return "not_tls", (
-            "the peer does not speak TLS (plain IPFIX? check that the exporter's protocol is tls)"
-        )
-    if "CERTIFICATE_REQUIRED" in text or "PEER_DID_NOT_RETURN" in text:
-        return "no_client_certificate", "the peer presented no client certificate"
-    if "CERTIFICATE_VERIFY_FAILED" in text:
-        return "untrusted_certificate", "the client certificate is not signed by our CA"
-    if "ALERT_UNKNOWN_CA" in text or "ALERT_BAD_CERTIFICATE" in text:
-        return "peer_rejected_us", (
-            "the peer does not trust this collector's certificate (check its CA and the "
-            "server name it expects)"
-        )
-    return "tls_error", f"TLS handshake failed: {reason}"
 
 
 class _StreamSession(asyncio.Protocol):
@@ -124,7 +103,7 @@ class _StreamSession(asyncio.Protocol):
 
     def _refuse(self, exc: BaseException) -> None:
         collector = self.collector
-        label, why = _tls_refusal(exc)
+        label, why = classify_refusal(exc)
         collector.stats.refused[label] += 1
         collector._log_once(
             (self.peer.address, label),
