@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from ..configfile import ConfigError, ConfigReader
 from ..ipfix.address import AddressError, TransportAddress, is_ip, parse_address
+from ..ipfix.collecting import CollectorLimits
+from ..ipfix.messages import TemplateLimits
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class AggregatorConfig:
     template_refresh: float
     inventory_file: str = ""  # Pods by IP, to complete records and add Pod labels
     max_message_size: int | None = None  # of the IPFIX export; None: by transport
+    limits: CollectorLimits = CollectorLimits()  # what the agents' side may make us hold
 
     @property
     def tls(self) -> bool:
@@ -75,6 +78,39 @@ def _message_size(section: ConfigReader) -> int | None:
         if size >= 512:
             return size
     raise section.error(key, section.values[key], "is not allowed", MESSAGE_SIZE_FORM)
+
+
+def _collector_limits(section: ConfigReader | None) -> CollectorLimits:
+    """collectorLimits: what agents (or anyone reaching the port) can make the intake hold."""
+    default = CollectorLimits()
+    if section is None:
+        return default
+    templates = default.templates
+    count, big = 1_000_000, 1 << 40
+    idle = section.duration("idleTimeout", default.idle_timeout or 0.0, minimum=0.0)
+    limits = CollectorLimits(
+        max_sessions=section.integer("maxSessions", default.max_sessions, 1, count),
+        max_sessions_per_address=section.integer(
+            "maxSessionsPerAddress", default.max_sessions_per_address, 1, count
+        ),
+        first_message_timeout=section.duration(
+            "firstMessageTimeout", default.first_message_timeout, minimum=1.0
+        ),
+        idle_timeout=idle or None,
+        templates=TemplateLimits(
+            max_fields=section.integer("maxTemplateFields", templates.max_fields, 1, 16383),
+            max_templates=section.integer(
+                "maxTemplatesPerDomain", templates.max_templates, 1, 65280
+            ),
+            max_domains=section.integer("maxDomainsPerSession", templates.max_domains, 1, count),
+            max_session_bytes=section.integer(
+                "maxTemplateMemoryPerSession", templates.max_session_bytes, 1, big
+            ),
+            max_total_bytes=section.integer("maxTemplateMemory", templates.max_total_bytes, 1, big),
+        ),
+    )
+    section.reject_unknown()
+    return limits
 
 
 def load_aggregator_config(path: str | os.PathLike) -> AggregatorConfig:
@@ -161,6 +197,7 @@ def load_aggregator_config(path: str | os.PathLike) -> AggregatorConfig:
         if metrics_text
         else None
     )
+    limits = _collector_limits(reader.section("collectorLimits"))
     present = reader.reject_unknown(_UNSUPPORTED + _IGNORED)
     for key in present:
         if key in _UNSUPPORTED:
@@ -179,4 +216,5 @@ def load_aggregator_config(path: str | os.PathLike) -> AggregatorConfig:
         template_refresh=refresh,
         inventory_file=inventory,
         max_message_size=message_size,
+        limits=limits,
     )

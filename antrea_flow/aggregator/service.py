@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from ..errors import UsageError, cannot_listen
 from ..ipfix.address import is_ip
-from ..ipfix.collecting import CollectingProcess, Peer
+from ..ipfix.collecting import LIMIT_REASONS, CollectingProcess, Peer
 from ..ipfix.messages import Message
 from ..k8s.inventory import InventoryFileSource
 from ..k8s.stores import MetadataStore, pack_ip
@@ -73,7 +73,9 @@ class Aggregator:
             names, addresses = _certificate_names(config)
             files = ensure_aggregator_certificates(config.cert_dir, names, addresses)
             ssl_context = server_context(files.server_cert, files.server_key, files.ca)
-        self.collector = CollectingProcess(config.listen, self._intake, ssl_context=ssl_context)
+        self.collector = CollectingProcess(
+            config.listen, self._intake, ssl_context=ssl_context, limits=config.limits
+        )
         if config.external_collector is not None:
             self.sinks.append(
                 IPFIXSink(
@@ -254,6 +256,13 @@ class Aggregator:
                 "wrong_certificate_purpose",
                 "bad_certificate_signature",
             ),
+        )
+        yield labelled_counter(
+            "antrea_flow_aggregator_limit_refusals_total",
+            "Sessions or messages refused because they would exceed a collectorLimits limit.",
+            "limit",
+            dict(collector.limits),
+            always=LIMIT_REASONS,
         )
         yield counter(
             "antrea_flow_aggregator_records_lost_total",

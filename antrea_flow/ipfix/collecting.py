@@ -6,6 +6,11 @@ input closes that TCP session or drops that datagram, is counted by reason and l
 per exporter, and never disturbs other sessions. With TLS a client certificate signed by
 the configured CA is required; peers that fail the handshake are refused and counted.
 Decoded messages go to a handler: `handler(peer, message)`.
+
+What peers can make the collector hold is bounded (`CollectorLimits`): sessions in all and
+per address, template state per session and in all, and time: a TCP or TLS session that
+has not delivered a whole message within `first_message_timeout`, or sent nothing for
+`idle_timeout`, is closed. A refusal is counted by limit and logged once per address.
 """
 
 from __future__ import annotations
@@ -24,7 +29,16 @@ from dataclasses import dataclass, field
 from ..logutil import LogOnce
 from ..tls.refusals import classify_refusal
 from .address import TransportAddress
-from .messages import Message, MessageError, SessionDecoder, StreamFramer
+from .messages import (
+    LimitError,
+    Message,
+    MessageError,
+    SessionDecoder,
+    StreamFramer,
+    TemplateBudget,
+    TemplateLimits,
+)
+from .sequences import SequenceCounts
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +59,31 @@ class Peer:
 Handler = Callable[[Peer, Message], None]
 
 
+@dataclass(frozen=True, slots=True)
+class CollectorLimits:
+    """What peers can make a collecting process hold."""
+
+    max_sessions: int = 4096  # TCP/TLS connections (handshakes included) and UDP sessions
+    max_sessions_per_address: int = 256
+    first_message_timeout: float = 30.0  # seconds from connect (or TLS handshake) to a message
+    idle_timeout: float | None = 600.0  # seconds without data; None: never
+    templates: TemplateLimits = TemplateLimits()
+
+
+# The limits a refusal can be counted under (CollectorStats.limits).
+LIMIT_REASONS = (
+    "sessions",
+    "sessions_per_address",
+    "first_message_timeout",
+    "idle_timeout",
+    "template_fields",
+    "templates",
+    "domains",
+    "session_template_memory",
+    "template_memory",
+)
+
+
 @dataclass(slots=True)
 class CollectorStats:
     messages: int = 0
@@ -53,8 +92,14 @@ class CollectorStats:
     sessions_total: int = 0
     malformed: Counter[str] = field(default_factory=Counter)  # by reason
     refused: Counter[str] = field(default_factory=Counter)  # TLS peers refused, by reason
-    lost_records: int = 0  # missing according to sequence numbers
+    limits: Counter[str] = field(default_factory=Counter)  # sessions or messages refused
     handler_errors: int = 0
+    # Per session and observation domain, from sequence numbers: records lost, and resets.
+    sequences: SequenceCounts = field(default_factory=SequenceCounts)
+
+    @property
+    def lost_records(self) -> int:
+        return self.sequences.lost
 
 
 class _StreamSession(asyncio.Protocol):
@@ -68,9 +113,13 @@ class _StreamSession(asyncio.Protocol):
     def __init__(self, collector: CollectingProcess):
         self.collector = collector
         self.framer = StreamFramer()
-        self.decoder = SessionDecoder()
+        self.decoder = collector._decoder(None)
         self.transport: asyncio.Transport | None = None
         self.peer: Peer | None = None
+        self.opened_at = collector.clock()
+        self.last_data = self.opened_at
+        self.delivered = False  # a whole message came through
+        self._held = False  # counted against the session limits
         self._open = False
         self._tls: ssl.SSLObject | None = None
         self._incoming = ssl.MemoryBIO()
@@ -83,6 +132,10 @@ class _StreamSession(asyncio.Protocol):
         host, port = transport.get_extra_info("peername")[:2]
         collector = self.collector
         self.peer = Peer(host, port, collector.address.protocol, next(collector._session_ids))
+        if not collector._admit(self.peer):
+            transport.abort()
+            return
+        self._held = True
         collector._streams.add(self)
         if collector.ssl_context is None:
             self._opened()
@@ -94,6 +147,7 @@ class _StreamSession(asyncio.Protocol):
 
     def _opened(self) -> None:
         self._open = True
+        self.opened_at = self.collector.clock()  # the first message is due from here
         stats = self.collector.stats
         stats.sessions_open += 1
         stats.sessions_total += 1
@@ -122,6 +176,7 @@ class _StreamSession(asyncio.Protocol):
             self.transport.write(data)
 
     def data_received(self, data: bytes) -> None:
+        self.last_data = self.collector.clock()
         if self._tls is None:
             self._frames(data)
             return
@@ -161,16 +216,25 @@ class _StreamSession(asyncio.Protocol):
         try:
             for raw in self.framer.feed(data):
                 collector._deliver(self.peer, self.decoder.decode(raw, collector.clock()))
+                self.delivered = True
             # Bytes after the good messages of this chunk may already be known to be bad.
             self.framer.feed(b"")
         except MessageError as exc:
             collector._malformed(self.peer, exc, "closing the session")
             self.transport.abort()
-        collector.stats.lost_records += self.decoder.lost_records
-        self.decoder.lost_records = 0
+
+    def close_for(self, limit: str, detail: str) -> None:
+        """Close the session because it overstayed a time limit (counted and logged once)."""
+        self.collector._refused_by_limit(self.peer, limit, detail)
+        self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.collector._streams.discard(self)
+        collector = self.collector
+        collector._streams.discard(self)
+        self.decoder.close()
+        if self._held:
+            self._held = False
+            collector._release(self.peer)
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
         if not self._open:
@@ -209,32 +273,38 @@ class _DatagramEndpoint(asyncio.DatagramProtocol):
         key = (addr[0], addr[1])
         now = collector.clock()
         session = self.sessions.get(key)
+        new = session is None
         if session is None:
             peer = Peer(addr[0], addr[1], "udp", next(collector._session_ids))
-            session = (peer, SessionDecoder(collector.udp_template_timeout))
+            if not collector._admit(peer):
+                return
+            session = (peer, collector._decoder(collector.udp_template_timeout))
         peer, decoder = session
         try:
             message = decoder.decode(data, now)
         except MessageError as exc:
             collector._malformed(peer, exc, "dropping the datagram")
+            if new:
+                decoder.close()
+                collector._release(peer)
             return
-        if key not in self.sessions:
+        if new:
             self.sessions[key] = session
             collector.stats.sessions_open += 1
             collector.stats.sessions_total += 1
         self.last_seen[key] = now
-        collector.stats.lost_records += decoder.lost_records
-        decoder.lost_records = 0
         collector._deliver(peer, message)
 
     def expire(self, now: float) -> None:
         """Expire unrefreshed templates and forget sessions silent for a template lifetime."""
         timeout = self.collector.udp_template_timeout
-        for key, (_, decoder) in list(self.sessions.items()):
+        for key, (peer, decoder) in list(self.sessions.items()):
             decoder.expire_templates(now)
             if now - self.last_seen[key] >= timeout:
                 del self.sessions[key]
                 del self.last_seen[key]
+                decoder.close()
+                self.collector._release(peer)
                 self.collector.stats.sessions_open -= 1
 
 
@@ -249,6 +319,7 @@ class CollectingProcess:
         ssl_context: ssl.SSLContext | None = None,
         udp_template_timeout: float = DEFAULT_UDP_TEMPLATE_TIMEOUT,
         tls_handshake_timeout: float = 10.0,
+        limits: CollectorLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         if address.protocol == "tls" and ssl_context is None:
@@ -258,8 +329,14 @@ class CollectingProcess:
         self.ssl_context = ssl_context if address.protocol == "tls" else None
         self.udp_template_timeout = udp_template_timeout
         self.tls_handshake_timeout = tls_handshake_timeout
+        self.limits = limits or CollectorLimits()
         self.clock = clock
         self.stats = CollectorStats()
+        self.template_budget = TemplateBudget(self.limits.templates.max_total_bytes)
+        # Sessions counted against the limits: open ones, TLS handshakes, UDP exporters.
+        self.sessions_held = 0
+        self._held_by_address: Counter[str] = Counter()
+        self._sweep_task: asyncio.Task | None = None
         self.port: int | None = None
         self._server: asyncio.Server | None = None
         self._udp_transport: asyncio.DatagramTransport | None = None
@@ -286,9 +363,13 @@ class CollectingProcess:
                 lambda: _StreamSession(self), host, self.address.port, reuse_address=True
             )
             self.port = self._server.sockets[0].getsockname()[1]
+            self._sweep_task = asyncio.create_task(self._sweep_streams())
         log.info("collecting IPFIX on %s (port %d)", self.address, self.port)
 
     async def stop(self) -> None:
+        if self._sweep_task is not None:
+            self._sweep_task.cancel()
+            self._sweep_task = None
         if self._server is not None:
             self._server.close()
             for session in list(self._streams):
@@ -311,6 +392,83 @@ class CollectingProcess:
             if self._udp is not None:
                 self._udp.expire(self.clock())
 
+    def _decoder(self, template_timeout: float | None) -> SessionDecoder:
+        """A new session's decoder: this collector's limits and shared template budget."""
+        return SessionDecoder(
+            template_timeout,
+            limits=self.limits.templates,
+            budget=self.template_budget,
+            sequence_counts=self.stats.sequences,
+        )
+
+    def _admit(self, peer: Peer) -> bool:
+        """Count a new session against the limits; False (counted, logged) when refused."""
+        limits = self.limits
+        held = self._held_by_address[peer.address]
+        if self.sessions_held >= limits.max_sessions:
+            self._refused_by_limit(
+                peer, "sessions", f"this collector holds {limits.max_sessions} sessions already"
+            )
+            return False
+        if held >= limits.max_sessions_per_address:
+            self._refused_by_limit(
+                peer,
+                "sessions_per_address",
+                f"{peer.address} holds {limits.max_sessions_per_address} sessions already",
+            )
+            return False
+        self._held_by_address[peer.address] = held + 1
+        self.sessions_held += 1
+        return True
+
+    def _release(self, peer: Peer) -> None:
+        self.sessions_held -= 1
+        held = self._held_by_address[peer.address] - 1
+        if held > 0:
+            self._held_by_address[peer.address] = held
+        else:
+            del self._held_by_address[peer.address]
+
+    async def _sweep_streams(self) -> None:
+        limits = self.limits
+        timeouts = [limits.first_message_timeout]
+        if limits.idle_timeout is not None:
+            timeouts.append(limits.idle_timeout)
+        interval = max(0.05, min(5.0, min(timeouts) / 4))
+        while True:
+            await asyncio.sleep(interval)
+            self.close_overdue(self.clock())
+
+    def close_overdue(self, now: float) -> None:
+        """Close the TCP/TLS sessions past their first-message or idle timeout."""
+        limits = self.limits
+        for session in list(self._streams):
+            if not session.delivered and now - session.opened_at >= limits.first_message_timeout:
+                if session._open:  # a TLS handshake in progress has its own timeout
+                    session.close_for(
+                        "first_message_timeout",
+                        f"no whole IPFIX message within {limits.first_message_timeout:g}s",
+                    )
+            elif (
+                limits.idle_timeout is not None
+                and session.delivered
+                and now - session.last_data >= limits.idle_timeout
+            ):
+                session.close_for("idle_timeout", f"no data for {limits.idle_timeout:g}s")
+
+    def _refused_by_limit(self, peer: Peer, limit: str, detail: str) -> None:
+        self.stats.limits[limit] += 1
+        self._log_once(
+            (peer.address, limit),
+            logging.WARNING,
+            "closing %s:%d (%s): %s (limit %s)",
+            peer.address,
+            peer.port,
+            peer.protocol,
+            detail,
+            limit,
+        )
+
     def _deliver(self, peer: Peer, message: Message) -> None:
         self.stats.messages += 1
         self.stats.records += message.record_count
@@ -321,6 +479,9 @@ class CollectingProcess:
             log.exception("record handler failed on a message from %s:%d", peer.address, peer.port)
 
     def _malformed(self, peer: Peer, exc: MessageError, action: str) -> None:
+        if isinstance(exc, LimitError):
+            self._refused_by_limit(peer, exc.reason, f"{exc.detail}; {action}")
+            return
         self.stats.malformed[exc.reason] += 1
         self._log_once(
             (peer.address, exc.reason),

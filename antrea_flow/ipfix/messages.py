@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .elements import REGISTRY, Registry
+from .sequences import SequenceCounts, SequenceTracker
 from .templates import MIN_TEMPLATE_ID, Field, Template, TemplateError
 
 VERSION = 10
@@ -39,6 +40,43 @@ class MessageError(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class LimitError(MessageError):
+    """Valid IPFIX that asks a collector to hold more than its limits allow."""
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateLimits:
+    """What one exporter may make a collector hold in templates. Memory is estimated (see
+    `template_cost`); the total is shared by all sessions of a collecting process."""
+
+    max_fields: int = 512  # fields of one template
+    max_templates: int = 1024  # templates of one observation domain of a session
+    max_domains: int = 256  # observation domains of one session
+    max_session_bytes: int = 4 << 20  # template memory of one session
+    max_total_bytes: int = 256 << 20  # template memory of all sessions
+
+
+def template_cost(field_count: int) -> int:
+    """Bytes a template of `field_count` fields costs a collector, at most: the template
+    and its interpreted plan (about 180 bytes a field, measured), plus its share of a compiled
+    codec (about 320 more), rounded up."""
+    return 512 + 512 * field_count
+
+
+class TemplateBudget:
+    """Template memory of the sessions of one collecting process (owned by its event loop)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+    def fits(self, more: int) -> bool:
+        return self.used + more <= self.limit
+
+    def charge(self, amount: int) -> None:
+        self.used += amount
 
 
 # -- encoding ---------------------------------------------------------------------------
@@ -254,22 +292,42 @@ class StreamFramer:
 class _DomainState:
     templates: dict[int, Template] = field(default_factory=dict)
     template_expiry: dict[int, float] = field(default_factory=dict)
-    next_sequence: int | None = None
 
 
 class SessionDecoder:
     """Template state of one transport session, and decoding of its messages.
 
-    Templates are kept per observation domain. `template_timeout` (UDP) makes templates
-    expire unless refreshed; None (TCP, TLS) keeps them for the life of the session.
-    `lost_records` counts data records missing according to sequence numbers.
+    Templates are kept per observation domain, within `limits` (a template or message that
+    would exceed them raises LimitError and changes nothing); their memory is charged to
+    `budget`, shared with the collector's other sessions, until they are withdrawn, expire
+    or the session is `close`d. `template_timeout` (UDP) makes templates expire unless
+    refreshed; None (TCP, TLS) keeps them for the life of the session. `sequences` counts
+    the data records missing according to sequence numbers, per observation domain (into
+    `sequence_counts` when given, shared with other sessions).
+    Owned by the thread that feeds it (a collector's event loop).
     """
 
-    def __init__(self, template_timeout: float | None = None, registry: Registry = REGISTRY):
+    def __init__(
+        self,
+        template_timeout: float | None = None,
+        registry: Registry = REGISTRY,
+        limits: TemplateLimits | None = None,
+        budget: TemplateBudget | None = None,
+        sequence_counts: SequenceCounts | None = None,
+    ):
         self.template_timeout = template_timeout
         self.registry = registry
-        self.lost_records = 0
+        self.limits = limits or TemplateLimits()
+        self.budget = budget or TemplateBudget(self.limits.max_total_bytes)
+        self.sequences = SequenceTracker(
+            max_streams=self.limits.max_domains, counts=sequence_counts
+        )
+        self.cost = 0  # template memory this session holds (charged to `budget`)
         self._domains: dict[int, _DomainState] = {}
+
+    @property
+    def lost_records(self) -> int:
+        return self.sequences.counts.lost
 
     def template_count(self) -> int:
         return sum(len(d.templates) for d in self._domains.values())
@@ -278,6 +336,12 @@ class SessionDecoder:
         state = self._domains.get(observation_domain_id)
         return dict(state.templates) if state else {}
 
+    def close(self) -> None:
+        """The session ended: give its template memory back to the budget."""
+        self.budget.charge(-self.cost)
+        self.cost = 0
+        self._domains.clear()
+
     def expire_templates(self, now: float) -> int:
         """Drop templates not refreshed within `template_timeout`; how many were dropped."""
         dropped = 0
@@ -285,9 +349,14 @@ class SessionDecoder:
             for tid, deadline in list(state.template_expiry.items()):
                 if deadline <= now:
                     del state.template_expiry[tid]
-                    del state.templates[tid]
+                    self._release(state.templates.pop(tid))
                     dropped += 1
         return dropped
+
+    def _release(self, template: Template) -> None:
+        cost = template_cost(len(template.fields))
+        self.cost -= cost
+        self.budget.charge(-cost)
 
     def decode(self, data: bytes, now: float = 0.0) -> Message:
         """Decode one whole message. On MessageError no state has changed."""
@@ -327,8 +396,11 @@ class SessionDecoder:
             else:
                 raise MessageError("bad_set_id", f"reserved set id {set_id}")
             offset = set_end
-        self._commit(domain, staged, now)
-        self._track_sequence(domain, sequence, message.record_count)
+        if staged:
+            self._check_limits(domain, staged)
+            self._commit(domain, staged, now)
+        if message.record_count or domain in self._domains:
+            self.sequences.observe(domain, sequence, message.record_count)
         return message
 
     def _read_templates(
@@ -343,8 +415,14 @@ class SessionDecoder:
         options = set_id == OPTIONS_TEMPLATE_SET_ID
         header = _OPTIONS_TEMPLATE_HEADER if options else _TEMPLATE_HEADER
         # Fewer bytes than a template record header are padding (RFC 7011 3.3.1).
+        limit = self.limits.max_fields
         while end - offset >= _TEMPLATE_HEADER.size:
             template_id, field_count = _TEMPLATE_HEADER.unpack_from(data, offset)
+            if field_count > limit:
+                raise LimitError(
+                    "template_fields",
+                    f"template {template_id} has {field_count} fields, more than {limit}",
+                )
             if field_count == 0:
                 offset += _TEMPLATE_HEADER.size
                 if template_id == set_id:  # withdraws all (options) templates of the domain
@@ -397,41 +475,62 @@ class SessionDecoder:
             if template is not None and template.is_options == options:
                 staged[tid] = None
 
+    def _check_limits(self, domain: int, staged: dict[int, Template | None]) -> None:
+        """Raise LimitError if committing `staged` would exceed a limit; changes nothing."""
+        limits = self.limits
+        state = self._domains.get(domain)
+        if state is None and len(self._domains) >= limits.max_domains:
+            raise LimitError(
+                "domains", f"observation domain {domain} is one more than {limits.max_domains}"
+            )
+        current = state.templates if state else {}
+        count = len(current)
+        cost = 0
+        for tid, template in staged.items():
+            old = current.get(tid)
+            if old is not None:
+                count -= 1
+                cost -= template_cost(len(old.fields))
+            if template is not None:
+                count += 1
+                cost += template_cost(len(template.fields))
+        if count > limits.max_templates:
+            raise LimitError(
+                "templates",
+                f"{count} templates in observation domain {domain}, more than "
+                f"{limits.max_templates}",
+            )
+        if cost > 0 and self.cost + cost > limits.max_session_bytes:
+            raise LimitError(
+                "session_template_memory",
+                f"templates of {self.cost + cost} bytes in one session, more than "
+                f"{limits.max_session_bytes}",
+            )
+        if cost > 0 and not self.budget.fits(cost):
+            raise LimitError(
+                "template_memory",
+                f"the collector holds {self.budget.used} bytes of templates; {cost} more "
+                f"would exceed {self.budget.limit}",
+            )
+
     def _commit(self, domain: int, staged: dict[int, Template | None], now: float) -> None:
-        if not staged:
-            return
         state = self._domains.setdefault(domain, _DomainState())
         for tid, template in staged.items():
-            if template is None:
-                state.templates.pop(tid, None)
-                state.template_expiry.pop(tid, None)
-            else:
+            old = state.templates.pop(tid, None)
+            if old is not None:
+                self._release(old)
+            state.template_expiry.pop(tid, None)
+            if template is not None:
                 state.templates[tid] = template
+                cost = template_cost(len(template.fields))
+                self.cost += cost
+                self.budget.charge(cost)
                 if self.template_timeout is not None:
                     state.template_expiry[tid] = now + self.template_timeout
 
-    def _track_sequence(self, domain: int, sequence: int, records: int) -> None:
-        state = self._domains.get(domain)
-        if state is None:
-            if not records:
-                return
-            state = self._domains.setdefault(domain, _DomainState())
-        expected = state.next_sequence
-        end = (sequence + records) % _SEQUENCE_MODULO
-        if expected is None:
-            state.next_sequence = end
-            return
-        missing = (sequence - expected) % _SEQUENCE_MODULO
-        if missing < _SEQUENCE_MODULO // 2:
-            self.lost_records += missing
-            state.next_sequence = end
-        elif (end - expected) % _SEQUENCE_MODULO < _SEQUENCE_MODULO // 2:
-            # A late message: only ever move the expectation forward.
-            state.next_sequence = end
-
 
 def _read_records(data: bytes, offset: int, end: int, template: Template) -> list[dict[str, Any]]:
-    decode = template.decode
+    decode = template.decoder
     min_length = template.min_record_length
     records = []
     try:
@@ -444,4 +543,5 @@ def _read_records(data: bytes, offset: int, end: int, template: Template) -> lis
         raise MessageError(
             "truncated_record", f"record of template {template.template_id} overruns its set"
         )
+    template.decoded(len(records))
     return records

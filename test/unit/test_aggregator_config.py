@@ -414,3 +414,42 @@ def test_bad_json_log_path_stops_start_up_before_certificates_are_made(load, tmp
     assert "jsonLogPath" in message
     assert repr(str(path)) in message
     assert not (tmp_path / "certs").exists()
+
+
+def test_collector_limits_default_and_section(load):
+    from antrea_flow.ipfix.collecting import CollectorLimits
+
+    assert load("").limits == CollectorLimits()
+    limits = load(
+        """\
+        collectorLimits:
+          maxSessions: 100
+          maxSessionsPerAddress: 4
+          firstMessageTimeout: 5s
+          idleTimeout: 0s
+          maxTemplateFields: 64
+          maxTemplatesPerDomain: 8
+          maxDomainsPerSession: 2
+          maxTemplateMemoryPerSession: 65536
+          maxTemplateMemory: 1048576
+        """
+    ).limits
+    assert (limits.max_sessions, limits.max_sessions_per_address) == (100, 4)
+    assert limits.first_message_timeout == 5.0 and limits.idle_timeout is None
+    t = limits.templates
+    assert (t.max_fields, t.max_templates, t.max_domains) == (64, 8, 2)
+    assert (t.max_session_bytes, t.max_total_bytes) == (65536, 1048576)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("maxSessions", 0), ("maxTemplateFields", 20000), ("idleTimeout", "soon")],
+)
+def test_collector_limits_bad_values_name_the_key(load, key, value):
+    message = error_of(load, f"collectorLimits:\n  {key}: {value}\n")
+    assert f"collectorLimits.{key}: {value!r}" in message
+
+
+def test_collector_limits_unknown_key(load):
+    message = error_of(load, "collectorLimits:\n  maxSesions: 10\n")
+    assert "collectorLimits.maxSesions" in message and "maxSessions" in message

@@ -1020,3 +1020,15 @@ def test_decoder_never_raises_anything_but_message_error(data):
         decoder.decode(raw_message(data, seq=2))
     except MessageError:
         _assert_state_unchanged(decoder)
+
+
+def test_an_implausible_jump_is_a_reset_not_lost_records():
+    # Any exporter can write any number into its header: before, a jump of 2**31 - 1 was
+    # counted as that many lost records (a fuzzer drove records_lost_total to 1.15e12).
+    decoder = SessionDecoder()
+    announce(decoder, u32_template(300))
+    decoder.decode(_data(0, 3))
+    decoder.decode(_data(2**31 + 2, 1))
+    decoder.decode(_data(7, 1))
+    assert decoder.lost_records == 0
+    assert decoder.sequences.counts.resets == 2
