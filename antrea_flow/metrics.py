@@ -1,10 +1,19 @@
-"""A Prometheus endpoint per process, on its own registry (no global state)."""
+"""A Prometheus endpoint per process, on its own registry (no global state).
+
+The endpoint serves scrapes from its own thread, while the state it reports belongs to the
+component's event loop. So a scrape never reads that state itself: `OwnerCollector` has the
+loop build the metric families (the loop's snapshot of its own counters, handed over as a
+finished list) and serves the last snapshot if the loop does not answer in time. State of
+other threads reaches the families through the snapshots those threads publish.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import signal
+import threading
 from collections.abc import Awaitable, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -17,14 +26,48 @@ from .ipfix.address import TransportAddress
 log = logging.getLogger(__name__)
 
 
-class CallbackCollector(Collector):
-    """Builds metric families at scrape time from the components' own counters."""
+class OwnerCollector(Collector):
+    """Builds metric families at scrape time, on the thread that owns the state they read.
 
-    def __init__(self, produce: Callable[[], Iterable[Metric]]):
+    `produce` runs on the owner's event loop once `bind` named it (before that, and for a
+    scrape made on the loop itself, it runs in place). A scrape waits up to `timeout` for the
+    loop and otherwise serves the families of the last scrape that it answered.
+    """
+
+    def __init__(self, produce: Callable[[], Iterable[Metric]], timeout: float = 2.0):
         self._produce = produce
+        self._timeout = timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: int | None = None
+        self._last: list[Metric] = []
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """From now on, build the families on `loop` (call this from the loop's thread)."""
+        self._loop = loop
+        self._thread = threading.get_ident()
 
     def collect(self) -> Iterable[Metric]:
-        return self._produce()
+        loop = self._loop
+        if loop is None or self._thread == threading.get_ident() or loop.is_closed():
+            return list(self._produce())
+        future: concurrent.futures.Future[list[Metric]] = concurrent.futures.Future()
+
+        def build() -> None:
+            if not future.cancelled():
+                try:
+                    future.set_result(list(self._produce()))
+                except Exception as exc:  # the scrape reports it
+                    future.set_exception(exc)
+
+        try:
+            loop.call_soon_threadsafe(build)
+            self._last = future.result(self._timeout)
+        except RuntimeError:  # the loop closed in between
+            pass
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            log.warning("the event loop did not answer a metrics scrape within %ss", self._timeout)
+        return self._last
 
 
 def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -17,7 +17,7 @@ from ..ipfix.collecting import LIMIT_REASONS, CollectingProcess, Peer
 from ..ipfix.messages import Message
 from ..k8s.inventory import InventoryFileSource
 from ..k8s.stores import MetadataStore, pack_ip
-from ..metrics import CallbackCollector, counter, gauge, labelled_counter, run_until_signalled
+from ..metrics import OwnerCollector, counter, gauge, labelled_counter, run_until_signalled
 from ..tls import server_context
 from ..tls.provision import ensure_aggregator_certificates
 from .aggregation import AggregationStore
@@ -94,7 +94,8 @@ class Aggregator:
             else None
         )
         self.registry = registry or CollectorRegistry()
-        self.registry.register(CallbackCollector(self._metrics))
+        self.metrics = OwnerCollector(self._metrics)
+        self.registry.register(self.metrics)
 
     def _intake(self, peer: Peer, message: Message) -> None:
         now = self.clock()
@@ -132,6 +133,7 @@ class Aggregator:
                 record[f"{side}PodLabels"] = json.dumps(pod.labels, sort_keys=True)
 
     async def run(self, stop: asyncio.Event) -> None:
+        self.metrics.bind(asyncio.get_running_loop())  # scrapes read the loop's state there
         if self.inventory is not None:
             self.inventory.refresh()
         try:

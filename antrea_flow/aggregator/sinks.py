@@ -72,7 +72,11 @@ class IPFIXSink:
 
 
 class JSONLinesSink:
-    """Aggregated records as JSON objects, one per line, appended to a file by a thread."""
+    """Aggregated records as JSON objects, one per line, appended to a file by a thread.
+
+    `send` runs on the aggregator's loop, which owns `queue_full`; the writer thread owns
+    `sent` and `write_errors`. Each counter has that one writer, and readers on other
+    threads read it whole (an int, replaced, never changed in place)."""
 
     name = "json"
 
@@ -81,7 +85,8 @@ class JSONLinesSink:
         written stops start-up (OSError) before anything else is set up."""
         self.path = Path(path)
         self.sent = 0
-        self.dropped: Counter[str] = Counter()
+        self.queue_full = 0
+        self.write_errors = 0
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(JSON_QUEUE_RECORDS)
         self._thread = threading.Thread(target=self._write, name="json-sink", daemon=True)
         self._log_once = LogOnce(log)
@@ -95,7 +100,12 @@ class JSONLinesSink:
         try:
             self._queue.put_nowait(record)
         except queue.Full:
-            self.dropped["queue_full"] += 1
+            self.queue_full += 1
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Records not written, by reason."""
+        return {"queue_full": self.queue_full, "write_error": self.write_errors}
 
     def _write(self) -> None:
         try:
@@ -129,7 +139,7 @@ class JSONLinesSink:
             out.flush()
             self.sent += len(records)
         except OSError as exc:
-            self.dropped["write_error"] += len(records)
+            self.write_errors += len(records)
             self._log_once(
                 ("write_error", exc.errno),
                 logging.ERROR,

@@ -27,7 +27,7 @@ from ..ipfix.antrea import exporter_templates
 from ..ipfix.exporting import ExportingProcess
 from ..k8s.inventory import InventoryError, InventoryFileSource
 from ..k8s.stores import MetadataStore
-from ..metrics import CallbackCollector, counter, gauge, labelled_counter, run_until_signalled
+from ..metrics import OwnerCollector, counter, gauge, labelled_counter, run_until_signalled
 from ..tls import TLSFileError, check_pem_files, client_context
 from .config import AgentConfig, load_agent_config
 from .connections import ConnectionStore
@@ -122,10 +122,10 @@ class Agent:
             ssl_context=ssl_context,
             server_hostname=server_name,
         )
-        enricher = self.store.enrich
+        # The deny-queue thread gets an enricher of its own: an enricher has one owner.
         self.denied = DenyStore(
             self.metadata.rule,
-            enricher,
+            Enricher(self.metadata, node_name),
             config.active_timeout,
             config.idle_timeout,
             config.deny_record_rate,
@@ -143,7 +143,8 @@ class Agent:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=self.registry,
         )
-        self.registry.register(CallbackCollector(self._metrics))
+        self.metrics = OwnerCollector(self._metrics)
+        self.registry.register(self.metrics)
         self.polls_failed = 0
         self._dumper: ConntrackDumper | None = None
         self._parser = Parser()
@@ -190,6 +191,7 @@ class Agent:
     # -- the loop --------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        self.metrics.bind(asyncio.get_running_loop())  # scrapes read the loop's state there
         self.refresh_metadata()  # a bad inventory stops start-up before any side effect
         enable_accounting(self.netns_name)
         self.exporter.start()
@@ -242,7 +244,10 @@ class Agent:
     # -- metrics ---------------------------------------------------------------------------
 
     def _metrics(self):
-        stats = self.store.stats
+        """Runs on the loop (OwnerCollector): the exporter's stats are the loop's own; the
+        connection store, deny store and deny queue are read through their snapshots."""
+        store = self.store.counts
+        deny = self.denied.counts()
         exporter = self.exporter.stats
         yield gauge(
             "antrea_agent_conntrack_total_connection_count",
@@ -252,7 +257,7 @@ class Agent:
         yield gauge(
             "antrea_agent_conntrack_antrea_connection_count",
             "Connections in the agent's connection store.",
-            len(self.store),
+            store.connections,
         )
         yield counter(
             "antrea_agent_conntrack_poll_failures_total",
@@ -267,12 +272,11 @@ class Agent:
         yield gauge(
             "antrea_agent_denied_connection_count",
             "Connections in the agent's deny store.",
-            len(self.denied),
+            deny.connections,
         )
-        deny = self.denied.stats
         outcomes = {"recorded": deny.recorded, **deny.not_recorded}
         if self.deny_queue is not None:
-            outcomes.update(self.deny_queue.not_recorded)  # socket_overflow, error
+            outcomes.update(self.deny_queue.counts())  # socket_overflow, error
         yield labelled_counter(
             "antrea_agent_denied_packets_total",
             "Denied packets handed over by the dataplane: recorded, or why not.",
@@ -297,7 +301,7 @@ class Agent:
             "antrea_agent_flow_records_exported_total",
             "Flow records produced from the connection store, by flowEndReason.",
             "reason",
-            {_REASONS[k]: v for k, v in stats.exported.items()},
+            {_REASONS[k]: v for k, v in store.exported.items()},
             always=_REASONS.values(),
         )
         yield counter(
@@ -323,7 +327,7 @@ class Agent:
             "antrea_agent_conntrack_connections_skipped_total",
             "Conntrack connections not exported, by reason (no local Pod, filtered).",
             "reason",
-            dict(stats.filtered),
+            dict(store.filtered),
         )
         yield gauge(
             "antrea_agent_flow_export_queue_records",

@@ -29,8 +29,9 @@ import gc
 import heapq
 import itertools
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -70,10 +71,15 @@ class Connection:
 
 
 class Export(NamedTuple):
-    """One record to export: the connection, why, and the deltas since its last export."""
+    """One record to export: the connection, why, its counters at that moment and the
+    deltas since its last export (copied: the connection may change once this is made)."""
 
     connection: Connection
     reason: int
+    packets: int
+    octets: int
+    reverse_packets: int
+    reverse_octets: int
     packet_delta: int
     octet_delta: int
     reverse_packet_delta: int
@@ -89,6 +95,15 @@ class StoreStats:
     ended: int = 0
     filtered: Counter[str] = field(default_factory=Counter)  # connections skipped, by reason
     exported: Counter[int] = field(default_factory=Counter)  # records by flowEndReason
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCounts:
+    """What a connection store held and did, as of its last update or expiry."""
+
+    connections: int = 0
+    filtered: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    exported: Mapping[int, int] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def handles(columns: dict[str, np.ndarray]) -> np.ndarray:
@@ -152,7 +167,12 @@ def _is_dying(entry: Entry) -> bool:
 
 
 class ConnectionStore:
-    """Connections of one conntrack zone, updated from complete dumps."""
+    """Connections of one conntrack zone, updated from complete dumps.
+
+    Owned by the agent's run loop, which updates it in a worker thread while it awaits that
+    work and expires it on the loop itself: never both at once. Other threads (and the
+    loop while an update runs) read `counts`, published at the end of each update and expiry.
+    """
 
     def __init__(
         self,
@@ -172,6 +192,7 @@ class ConnectionStore:
             None if protocol_filter is None else [PROTOCOLS[p] for p in protocol_filter]
         )
         self.stats = StoreStats()
+        self.counts = StoreCounts()
         self._by_handle: dict[int, Connection] = {}
         self._previous = _Previous()
         # (deadline, sequence, connections due then); a connection is due at an entry only
@@ -204,6 +225,15 @@ class ConnectionStore:
         finally:
             if enabled:
                 gc.enable()
+            self._publish()
+
+    def _publish(self) -> None:
+        stats = self.stats
+        self.counts = StoreCounts(
+            len(self._by_handle),
+            MappingProxyType(dict(stats.filtered)),
+            MappingProxyType(dict(stats.exported)),
+        )
 
     def _update(self, dump: Dump, now: float) -> None:
         self.stats.polls += 1
@@ -412,6 +442,8 @@ class ConnectionStore:
                     out.append(self._export(conn, END_ACTIVE))
                     conn.active_expire = now + self.active_timeout
                     self._schedule(conn, min(conn.active_expire, conn.idle_expire))
+        if out:
+            self._publish()
         return out
 
     def drain(self) -> list[Export]:
@@ -429,6 +461,7 @@ class ConnectionStore:
                 conn.reverse_octets,
             ):
                 out.append(self._export(conn, END_ACTIVE))
+        self._publish()
         return out
 
     def _export(self, conn: Connection, reason: int) -> Export:
@@ -436,6 +469,10 @@ class ConnectionStore:
         export = Export(
             conn,
             reason,
+            conn.packets,
+            conn.octets,
+            conn.reverse_packets,
+            conn.reverse_octets,
             max(0, conn.packets - packets),
             max(0, conn.octets - octets),
             max(0, conn.reverse_packets - reverse_packets),

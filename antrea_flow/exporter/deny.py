@@ -71,8 +71,19 @@ class DenyStats:
     not_recorded: Counter[str] = field(default_factory=Counter)  # packets, by reason
 
 
+@dataclass(frozen=True, slots=True)
+class DenyCounts:
+    """A copy of the deny store's size and packet outcomes, taken under its lock."""
+
+    connections: int
+    recorded: int
+    not_recorded: dict[str, int]
+
+
 class DenyStore:
-    """Denied connections of one Node; `observe` may run on another thread than `expire`."""
+    """Denied connections of one Node. `observe` runs on the deny-queue thread, `expire` on
+    the agent's loop; both hold the store's lock, and other readers take `counts()`. The
+    connections it exports are read through the Export's copy of their counters."""
 
     def __init__(
         self,
@@ -98,6 +109,11 @@ class DenyStore:
 
     def __len__(self) -> int:
         return len(self._connections)
+
+    def counts(self) -> DenyCounts:
+        with self._lock:
+            stats = self.stats
+            return DenyCounts(len(self._connections), stats.recorded, dict(stats.not_recorded))
 
     def _admit(self, now: float) -> bool:
         """Token bucket of `record_rate` packets per second (burst: one second's worth)."""
@@ -201,6 +217,10 @@ class DenyStore:
                     Export(
                         conn,
                         reason,
+                        conn.packets,
+                        conn.octets,
+                        0,
+                        0,
                         conn.packets - packets,
                         conn.octets - octets,
                         0,

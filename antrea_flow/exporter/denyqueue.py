@@ -22,7 +22,6 @@ import select
 import socket
 import struct
 import threading
-from collections import Counter
 from collections.abc import Callable
 
 from netfilterqueue import COPY_PACKET, NetfilterQueue
@@ -65,22 +64,29 @@ def _fail_open_message(queue: int) -> bytes:
 
 
 class DenyQueue:
-    """Reads one NFQUEUE in a thread and passes (packet, mark) to `handle`."""
+    """Reads one NFQUEUE in a thread of its own (the owner of its counters) and passes
+    (packet, mark) to `handle` there."""
 
     def __init__(self, netns_name: str | None, queue: int, handle: Callable[[bytes, int], object]):
         self.netns_name = netns_name
         self.queue = queue
         self.handle = handle
+        # Written by the queue's thread only; other threads read them (ints are replaced,
+        # never changed in place) or take `counts()`.
         self.packets = 0  # read from the queue
-        # Packets that reached the queue but not `handle` (or `handle` failed on), by reason.
-        # Both keys exist from the start: readers on other threads never see the dict grow.
-        self.not_recorded: Counter[str] = Counter(socket_overflow=0, error=0)
+        # Packets that reached the queue but not `handle`, or that `handle` failed on.
+        self.socket_overflow = 0
+        self.errors = 0
         self._last_id = 0
         self._queues_file: int | None = None
         self._nfq: NetfilterQueue | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._log_once = LogOnce(log)
+
+    def counts(self) -> dict[str, int]:
+        """Packets that reached the queue but were not recorded, by outcome."""
+        return {"socket_overflow": self.socket_overflow, "error": self.errors}
 
     def start(self) -> None:
         self._last_id = 0  # binding creates the queue, which numbers its packets from 1
@@ -104,7 +110,7 @@ class DenyQueue:
         missed = (up_to - self._last_id) & PACKET_ID_MASK
         self._last_id = up_to
         if missed:
-            self.not_recorded["socket_overflow"] += missed
+            self.socket_overflow += missed
             self._log_once(
                 "overflow",
                 logging.WARNING,
@@ -129,7 +135,7 @@ class DenyQueue:
             self._last_id = packet.id
             self.handle(packet.get_payload(), packet.get_mark())
         except Exception as exc:
-            self.not_recorded["error"] += 1
+            self.errors += 1
             self._log_once("handle", logging.ERROR, "recording a denied packet failed: %r", exc)
         finally:
             packet.accept()  # on to the dataplane's own deny rule

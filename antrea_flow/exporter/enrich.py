@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..conntrack.parser import Entry
-from ..k8s.stores import ACTION_ALLOW, MetadataStore, PodInfo, PolicyRule, unpack_ip
+from ..k8s.stores import ACTION_ALLOW, MetadataStore, MetadataView, PodInfo, PolicyRule, unpack_ip
 
 FLOW_TYPE_INTRA_NODE = 1
 FLOW_TYPE_INTER_NODE = 2
@@ -61,12 +61,16 @@ class _Subnets:
 
 
 class Enricher:
-    """Builds FlowMeta for the connections of one Node from the metadata store."""
+    """Builds FlowMeta for the connections of one Node from the metadata store.
+
+    Owned by one thread (its memos are not shared): the agent gives the poll thread and the
+    deny-queue thread an enricher each. Each call reads the store's published view once.
+    """
 
     def __init__(self, store: MetadataStore, node_name: str):
         self.store = store
         self.node_name = node_name
-        self._version = -1
+        self._view = MetadataView({}, {}, {}, {}, -1)  # not the store's: the first call refreshes
         self._pod_subnets = _Subnets([])
         self._gateways: frozenset[bytes] = frozenset()
         self._local_gateways: frozenset[bytes] = frozenset()
@@ -74,11 +78,11 @@ class Enricher:
         self._memo: dict[tuple, FlowMeta | None] = {}
         self._allowing: dict[int, PolicyRule] = {}
 
-    def _refresh(self) -> None:
+    def _refresh(self, view: MetadataView) -> None:
         # Pod subnets and gateway addresses are derived from the Nodes' pod CIDRs; the
         # gateway takes the first address of each, as Antrea's antrea-gw0 does.
         networks, gateways, local = [], set(), set()
-        for node in self.store.nodes.values():
+        for node in view.nodes.values():
             for cidr in node.pod_cidrs:
                 networks.append(cidr)
                 gateway = (cidr.network_address + 1).packed
@@ -91,16 +95,17 @@ class Enricher:
         self._interned = {}
         self._memo = {}
         self._allowing = {}
-        self._version = self.store.version
+        self._view = view
 
     def local_pod(self, ip: bytes) -> PodInfo | None:
-        pod = self.store.pod(ip)
+        pod = self._view.pod(ip)
         return pod if pod is not None and pod.node_name == self.node_name else None
 
     def __call__(self, entry: Entry) -> FlowMeta | None:
         """The connection's metadata, or None when it is not a flow of this Node's Pods."""
-        if self._version != self.store.version:
-            self._refresh()
+        view = self.store.view
+        if view is not self._view:
+            self._refresh(view)
         # Everything below depends on the endpoints, the Service bit and rule labels, and
         # on the destination port only when a Service is involved.
         (proto, orig_src, orig_dst, _, orig_dport, reply_src, _, reply_sport, _, _, _, mark,
@@ -137,7 +142,7 @@ class Enricher:
             return None
         cluster_ip, service_port, port_name = "", 0, ""
         if service:
-            service = self.store.service(entry.orig_dst, entry.orig_dport, entry.proto)
+            service = self._view.service(entry.orig_dst, entry.orig_dport, entry.proto)
             if service is not None or entry.mark & SERVICE_CT_MARK:
                 cluster_ip = unpack_ip(entry.orig_dst)
                 service_port = entry.orig_dport
@@ -179,7 +184,7 @@ class Enricher:
         """The rule a conntrack label names. Only allowed connections are committed, so
         its action in the records is Allow whatever the rule's own (a Pass rule's id, say),
         as upstream reports it."""
-        rule = self.store.rule(rule_id) if rule_id else None
+        rule = self._view.rule(rule_id) if rule_id else None
         if rule is None or rule.action == ACTION_ALLOW:
             return rule
         allowing = self._allowing.get(rule_id)

@@ -105,16 +105,62 @@ def _kind(obj: Mapping[str, Any]) -> tuple[str, str]:
     return obj.get("apiVersion", ""), obj.get("kind", "")
 
 
+@dataclass(frozen=True, slots=True)
+class MetadataView:
+    """One consistent state of the store's indexes, never changed once published."""
+
+    nodes: Mapping[str, NodeInfo]
+    pods_by_ip: Mapping[bytes, PodInfo]
+    services: Mapping[tuple[bytes, int, int], ServiceInfo]
+    rules: Mapping[int, PolicyRule]
+    version: int
+
+    def pod(self, ip: bytes) -> PodInfo | None:
+        return self.pods_by_ip.get(ip)
+
+    def service(self, ip: bytes, port: int, protocol: int) -> ServiceInfo | None:
+        return self.services.get((ip, port, protocol))
+
+    def rule(self, rule_id: int) -> PolicyRule | None:
+        return self.rules.get(rule_id)
+
+
+_EMPTY_VIEW = MetadataView({}, {}, {}, {}, 0)
+
+
 class MetadataStore:
-    """Objects by (kind, namespace, name), with indexes rebuilt for the kinds that change."""
+    """Objects by (kind, namespace, name), with indexes rebuilt for the kinds that change.
+
+    Owned by the thread that feeds it (the agent's or aggregator's event loop, through its
+    source). Readers on any thread (the poll thread, the deny-queue thread) read `view`, the
+    indexes the owner published last, once per lookup or batch of lookups: it is replaced as
+    a whole, never changed, so a reader never sees the Pods of one version with the Nodes of
+    another. The lookup methods each read it once.
+    """
 
     def __init__(self) -> None:
         self._objects: dict[tuple[str, str, str, str], Mapping[str, Any]] = {}
-        self.nodes: dict[str, NodeInfo] = {}
-        self.pods_by_ip: dict[bytes, PodInfo] = {}
-        self.services: dict[tuple[bytes, int, int], ServiceInfo] = {}
-        self.rules: dict[int, PolicyRule] = {}
-        self.version = 0
+        self.view = _EMPTY_VIEW
+
+    @property
+    def nodes(self) -> Mapping[str, NodeInfo]:
+        return self.view.nodes
+
+    @property
+    def pods_by_ip(self) -> Mapping[bytes, PodInfo]:
+        return self.view.pods_by_ip
+
+    @property
+    def services(self) -> Mapping[tuple[bytes, int, int], ServiceInfo]:
+        return self.view.services
+
+    @property
+    def rules(self) -> Mapping[int, PolicyRule]:
+        return self.view.rules
+
+    @property
+    def version(self) -> int:
+        return self.view.version
 
     # -- feeding -------------------------------------------------------------------------
 
@@ -161,19 +207,18 @@ class MetadataStore:
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
                 namespace, name = _meta(obj)
                 log.warning("ignoring malformed %s %s/%s: %s", kind, namespace, name, exc)
-        self.nodes, self.pods_by_ip, self.services, self.rules = nodes, pods, services, rules
-        self.version += 1
+        self.view = MetadataView(nodes, pods, services, rules, self.view.version + 1)
 
     # -- lookups ---------------------------------------------------------------------------
 
     def pod(self, ip: bytes) -> PodInfo | None:
-        return self.pods_by_ip.get(ip)
+        return self.view.pod(ip)
 
     def service(self, ip: bytes, port: int, protocol: int) -> ServiceInfo | None:
-        return self.services.get((ip, port, protocol))
+        return self.view.service(ip, port, protocol)
 
     def rule(self, rule_id: int) -> PolicyRule | None:
-        return self.rules.get(rule_id)
+        return self.view.rule(rule_id)
 
 
 def _node(obj: Mapping[str, Any]) -> NodeInfo:

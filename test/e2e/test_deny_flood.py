@@ -124,7 +124,7 @@ def settle(lab: Lab, node: str, queue: DenyQueue) -> None:
     def settled() -> bool:
         nonlocal last, since
         stats = nfqueue_stats(lab, node)
-        now = (queue.packets, sum(queue.not_recorded.values()), lab.not_queued_rules(node))
+        now = (queue.packets, sum(queue.counts().values()), lab.not_queued_rules(node))
         if now != last or stats is None or stats["waiting"]:
             last, since = now, time.monotonic()
         return time.monotonic() - since > stable_for
@@ -149,8 +149,8 @@ class Counts:
             "queued": self.lab.nfqueue_counters(self.node),  # within it: to NFQUEUE
             "numbered": stats["id_sequence"],  # by the kernel: put in the socket, or a gap
             "read": self.queue.packets,
-            "socket_overflow": self.queue.not_recorded["socket_overflow"],
-            "error": self.queue.not_recorded["error"],
+            "socket_overflow": self.queue.socket_overflow,
+            "error": self.queue.errors,
             "handled": self.handled(),
         }
 
@@ -251,7 +251,7 @@ def test_an_overflowing_socket_is_counted_from_the_gaps_in_packet_ids(lab: Lab):
         nonlocal handled
         handled += 1
         if len(packet) == 20 + 8 + late_size:  # IPv4, UDP, payload
-            missed_before_late.append(queue.not_recorded["socket_overflow"])
+            missed_before_late.append(queue.socket_overflow)
         time.sleep(0.001)
 
     queue = DenyQueue(lab.netns(node), 1, slow)
@@ -271,10 +271,10 @@ def test_an_overflowing_socket_is_counted_from_the_gaps_in_packet_ids(lab: Lab):
         wait_until(lambda: missed_before_late, "the late packet read")
         assert missed_before_late[0] > 0, "the gap before the late packet was not counted"
         settle(lab, node, queue)
-        missed = queue.not_recorded["socket_overflow"]
+        missed = queue.socket_overflow
         lab.udp_burst(DB, web, FLOOD_PORT, burst, 16)  # and nothing after it
         settle(lab, node, queue)
-        assert queue.not_recorded["socket_overflow"] > missed, "the tail was not counted"
+        assert queue.socket_overflow > missed, "the tail was not counted"
         assert_every_packet_counted(2 * burst + 1, counts.since())
     finally:
         queue.stop()
@@ -293,7 +293,7 @@ def test_a_failing_handler_is_counted_and_the_queue_goes_on(lab: Lab):
     queue = DenyQueue(lab.netns(node), 1, failing)
     queue.start()
     try:
-        counts = Counts(lab, node, queue, lambda: calls - queue.not_recorded["error"])
+        counts = Counts(lab, node, queue, lambda: calls - queue.errors)
         for sent in (10, 20):  # the queue still reads after its handler failed
             lab.udp_burst(DB, lab.ip(WEB_2, 4), FLOOD_PORT, 10, 16)
             wait_until(lambda s=sent: queue.packets >= s, f"{sent} packets read")

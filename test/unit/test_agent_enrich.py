@@ -333,3 +333,66 @@ def test_a_new_node_cidr_is_seen_after_a_store_change(enrich, store):
     store.upsert(node("node-3", "10.10.3.0/24"))
     assert enrich(e).flow_type == FLOW_TYPE_INTER_NODE
     assert enrich(entry("10.10.1.5", "10.10.3.1")) is None  # node-3's gateway now
+
+
+# -- ownership: one enricher per thread, one consistent view per call ------------------------
+
+
+def test_the_poll_and_deny_threads_each_enrich_with_their_own_enricher(tmp_path):
+    """An enricher's memos are not thread-safe: the deny-queue thread and the poll thread
+    once shared one, and a memo cleared between one thread's lookup and read raised."""
+    import threading
+
+    import yaml
+
+    from antrea_flow.exporter.agent import Agent
+    from antrea_flow.exporter.config import load_agent_config
+
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(yaml.safe_dump({"kind": "List", "items": OBJECTS}))
+    config = tmp_path / "antrea-agent.conf"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "featureGates": {"FlowExporter": True},
+                "flowCollectorAddr": "127.0.0.1:4739:tcp",
+                "inventoryFile": str(inventory),
+                "metricsBindAddress": "",
+            }
+        )
+    )
+    agent = Agent(load_agent_config(config), "node-1")
+    agent.refresh_metadata()
+    poll_enricher, deny_enricher = agent.store.enrich, agent.denied.enrich
+    assert poll_enricher is not deny_enricher
+    entry = conntrack_entry("10.10.1.5", "10.10.1.6")
+    assert poll_enricher(entry).destination_pod.name == "web"
+    assert deny_enricher(entry).destination_pod.name == "web"
+
+    # Both follow each published view, while the other thread keeps enriching.
+    failures: list[BaseException] = []
+    done = threading.Event()
+
+    def deny_thread() -> None:
+        try:
+            while not done.is_set():
+                for port in range(200):
+                    deny_enricher(conntrack_entry("10.10.1.5", "10.10.1.6", sport=port))
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=deny_thread)
+    thread.start()
+    try:
+        for round_ in range(50):
+            agent.metadata.replace(OBJECTS if round_ % 2 else OBJECTS[:3])
+            for port in range(200):
+                poll_enricher(conntrack_entry("10.10.1.5", "10.10.1.6", sport=port))
+    finally:
+        done.set()
+        thread.join()
+    assert not failures, failures[0]
+    agent.metadata.replace(OBJECTS[:3])  # web is gone
+    for enricher in (poll_enricher, deny_enricher):
+        meta = enricher(conntrack_entry("10.10.1.5", "10.10.1.6", sport=9))
+        assert meta.source_pod.name == "client" and meta.destination_pod is None

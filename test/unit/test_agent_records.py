@@ -331,7 +331,7 @@ def direct_export(meta, *, tcp_state=ESTABLISHED, key=None, reason=END_ACTIVE):
         0.0,
         0.0,
     )
-    return Export(conn, reason, 40, 4_000, 30, 3_000, 1_600_000_100.2)
+    return Export(conn, reason, 100, 10_000, 90, 9_000, 40, 4_000, 30, 3_000, 1_600_000_100.2)
 
 
 @pytest.mark.parametrize("state", list(range(len(TCP_STATES))))
