@@ -38,7 +38,7 @@ from .messages import (
     TemplateBudget,
     TemplateLimits,
 )
-from .sequences import SequenceCounts
+from .sequences import SequenceCounts, SequenceTracker
 
 log = logging.getLogger(__name__)
 
@@ -320,8 +320,16 @@ class CollectingProcess:
         udp_template_timeout: float = DEFAULT_UDP_TEMPLATE_TIMEOUT,
         tls_handshake_timeout: float = 10.0,
         limits: CollectorLimits | None = None,
+        sequence_scope: str = "session",
         clock: Callable[[], float] = time.monotonic,
     ):
+        """`sequence_scope`: "session" follows sequence numbers per session and observation
+        domain, as RFC 7011 defines them; "exporter" follows them per exporter address and
+        observation domain across sessions, and (over TCP and TLS) drops the records an
+        exporter sends again that were received before (`exporter_sequences`), so a handler
+        sees each record once."""
+        if sequence_scope not in ("session", "exporter"):
+            raise ValueError(f"sequence scope {sequence_scope!r} is not session or exporter")
         if address.protocol == "tls" and ssl_context is None:
             raise ValueError("collecting over tls needs an SSL context")
         self.address = address
@@ -333,6 +341,11 @@ class CollectingProcess:
         self.clock = clock
         self.stats = CollectorStats()
         self.template_budget = TemplateBudget(self.limits.templates.max_total_bytes)
+        self.exporter_sequences: SequenceTracker | None = None
+        if sequence_scope == "exporter":
+            self.exporter_sequences = SequenceTracker(
+                replays=address.protocol != "udp", counts=self.stats.sequences
+            )
         # Sessions counted against the limits: open ones, TLS handshakes, UDP exporters.
         self.sessions_held = 0
         self._held_by_address: Counter[str] = Counter()
@@ -399,6 +412,7 @@ class CollectingProcess:
             limits=self.limits.templates,
             budget=self.template_budget,
             sequence_counts=self.stats.sequences,
+            track_sequences=self.exporter_sequences is None,
         )
 
     def _admit(self, peer: Peer) -> bool:
@@ -470,6 +484,16 @@ class CollectingProcess:
         )
 
     def _deliver(self, peer: Peer, message: Message) -> None:
+        tracker = self.exporter_sequences
+        if tracker is not None:
+            seen = tracker.observe(
+                (peer.address, message.observation_domain_id),
+                message.sequence_number,
+                message.record_count,
+                message.export_time,
+            )
+            if seen.count:
+                message = message.without_seen(seen.count, seen.wanted)
         self.stats.messages += 1
         self.stats.records += message.record_count
         try:

@@ -1,14 +1,9 @@
 """The IPFIX exporting process: records to one collector over TCP, UDP or TLS.
 
-Records are encoded when added and wait in a bounded queue; a sender task connects (with
-exponential backoff), announces the templates on every new transport session (and every
-`template_refresh_interval` over UDP), and packs as many queued records per message as the
-maximum message size allows. A record leaves the queue once its whole message is in the
-kernel's socket buffer; over TCP and TLS it is kept until the collector's host has
-acknowledged that message, and put back at the front of the queue if the session fails
-first. So a collector outage costs nothing within the queue bound and nothing the
-collector's host acknowledged is sent again (`_take_back` says what TCP cannot tell).
-Overflow drops the oldest records and counts them.
+A thin asyncio driver around `delivery.Delivery`, which decides what goes out and what goes
+again: a sender task connects (with exponential backoff), writes the messages the delivery
+core hands out, and reports where each ends in the stream and what the collector's host has
+acknowledged (the kernel's SIOCOUTQ), or at what point a session failed.
 """
 
 from __future__ import annotations
@@ -22,57 +17,26 @@ import ssl
 import struct
 import termios
 import time
-from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..logutil import LogOnce
 from .address import TransportAddress
-from .messages import (
-    DEFAULT_UDP_MESSAGE_SIZE,
-    HEADER,
-    MAX_MESSAGE_SIZE,
-    SET_HEADER,
-    MessagePacker,
-    template_messages,
-)
+from .delivery import DEFAULT_QUEUE_RECORDS, DEFAULT_TEMPLATE_REFRESH, Delivery, ExporterStats
+from .messages import DEFAULT_UDP_MESSAGE_SIZE, MAX_MESSAGE_SIZE
 from .templates import Template
 
 log = logging.getLogger(__name__)
 
-DEFAULT_QUEUE_RECORDS = 65536
-DEFAULT_TEMPLATE_REFRESH = 600.0
+# How often a session with messages not yet acknowledged asks the kernel about them when it
+# has nothing to send (so that they count as delivered, and their replay window starts).
+_ACK_POLL = 1.0
 # How long a TLS 1.3 client waits for the collector to accept its certificate before
 # sending records anyway (see _Connection._wait_accepted).
 _TLS_ACCEPT_WAIT = 1.0
 # How long a plain-TCP exporter waits after its templates for a collector that refuses the
 # session (a TLS collector answers plain IPFIX with an alert and closes at once).
 _TCP_SETTLE_WAIT = 0.5
-
-# The records of one message: runs of records of one template, each a data set.
-_Batch = list[tuple[int, list[bytes]]]
-
-
-@dataclass(slots=True)
-class ExporterStats:
-    # Records whose message went to the kernel; when a TCP or TLS session fails, those the
-    # collector's host had not acknowledged are taken back out (and counted below).
-    records_sent: int = 0
-    # Taken back out of records_sent into the queue, to go out again on the next session.
-    records_requeued: int = 0
-    messages_sent: int = 0
-    connections: int = 0  # successful (re)connections
-    connect_failures: int = 0
-    send_errors: int = 0
-    records_dropped: Counter[str] = field(default_factory=Counter)  # by reason
-    connected: bool = False
-
-    @property
-    def records_written(self) -> int:
-        """Every record whose message went to the kernel, re-sent ones again: never
-        decreases, so it is what counters in metrics read."""
-        return self.records_sent + self.records_requeued
 
 
 def _describe(exc: BaseException) -> str:
@@ -299,7 +263,8 @@ class _Connection:
 
 
 class ExportingProcess:
-    """Exports data records of a fixed set of templates to one collector."""
+    """Exports data records of a fixed set of templates to one collector. Owned by the
+    event loop it runs on."""
 
     def __init__(
         self,
@@ -312,11 +277,17 @@ class ExportingProcess:
         max_queue_records: int = DEFAULT_QUEUE_RECORDS,
         max_message_size: int | None = None,
         template_refresh_interval: float = DEFAULT_TEMPLATE_REFRESH,
+        replay_window: float = 0.0,
+        first_sequence: int = 0,
         connect_timeout: float = 10.0,
         backoff_initial: float = 1.0,
         backoff_max: float = 30.0,
         clock: Callable[[], float] = time.time,
     ):
+        """`replay_window`: seconds of acknowledged messages sent again at the start of each
+        TCP/TLS session (for a collector that drops what it has; 0: none). `first_sequence`:
+        the sequence number of the first record (an agent picks it at random, so that a
+        restarted agent's numbering is not mistaken for the previous one's)."""
         if address.protocol == "tls" and ssl_context is None:
             raise ValueError("exporting over tls needs an SSL context")
         if max_message_size is None:
@@ -324,20 +295,26 @@ class ExportingProcess:
                 DEFAULT_UDP_MESSAGE_SIZE if address.protocol == "udp" else MAX_MESSAGE_SIZE
             )
         self.address = address
-        self.templates = {t.template_id: t for t in templates}
-        self.observation_domain_id = observation_domain_id
         self.max_message_size = max_message_size
-        self.max_queue_records = max_queue_records
-        self.template_refresh_interval = template_refresh_interval
-        self.stats = ExporterStats()
+        self.delivery = Delivery(
+            templates,
+            observation_domain_id,
+            max_message_size=max_message_size,
+            reliable=address.protocol != "udp",
+            max_queue_records=max_queue_records,
+            replay_window=replay_window,
+            replay_records=max_queue_records,
+            template_refresh=template_refresh_interval,
+            first_sequence=first_sequence,
+        )
+        self.templates = self.delivery.templates
+        self.stats: ExporterStats = self.delivery.stats
         self._ssl_context = ssl_context
         self._server_hostname = server_hostname
         self._connect_timeout = connect_timeout
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._clock = clock
-        self._max_record_size = MessagePacker(0, max_message_size).max_record_size
-        self._queue: deque[tuple[int, bytes]] = deque()
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
@@ -350,81 +327,21 @@ class ExportingProcess:
 
     def add(self, template_id: int, values: Sequence[Any]) -> bool:
         """Queue one record given as values in template order; False if it was dropped."""
-        template = self.templates[template_id]
-        try:
-            record = template.encode(values)
-        except (
-            ValueError,
-            TypeError,
-            OverflowError,
-            AttributeError,
-            OSError,
-            struct.error,
-        ) as exc:
-            self._drop("encode_error", 1)
-            self._log_once(
-                ("encode", template_id),
-                logging.ERROR,
-                "dropping a record of template %d that cannot be encoded: %s (%s)",
-                template_id,
-                template.explain_encode_error(values),
-                exc,
-            )
-            return False
-        return self._enqueue(template_id, record)
+        return self._queued(self.delivery.add(template_id, values))
 
     def add_mapping(self, template_id: int, record: Mapping[str, Any]) -> bool:
         """Queue one record given as a dict of IE names; absent fields take zero values."""
-        return self.add(template_id, self.templates[template_id].values_from(record))
+        return self._queued(self.delivery.add_mapping(template_id, record))
 
-    def _enqueue(self, template_id: int, record: bytes) -> bool:
-        if len(record) > self._max_record_size:
-            self._drop("too_large", 1)
-            self._log_once(
-                ("too_large", template_id),
-                logging.ERROR,
-                "dropping a %d-byte record: larger than a %d-byte message allows",
-                len(record),
-                self.max_message_size,
-            )
-            return False
-        if len(self._queue) >= self.max_queue_records:
-            self._drop_oldest(1)
-        self._queue.append((template_id, record))
-        self._idle.clear()
-        self._wakeup.set()
-        return True
-
-    def _requeue(self, batches: Sequence[_Batch]) -> int:
-        """Put the records of `batches` back at the front of the queue in their order,
-        within the queue's bound; returns how many were put back."""
-        records = [(tid, r) for batch in batches for tid, run in batch for r in run]
-        self._queue.extendleft(reversed(records))
-        self._idle.clear()
-        if len(self._queue) > self.max_queue_records:
-            self._drop_oldest(len(self._queue) - self.max_queue_records)
-        return len(records)
-
-    def _drop_oldest(self, count: int) -> None:
-        # Keep the newest: flow records carry running totals, so a later record supersedes
-        # an earlier one for everything but its delta.
-        for _ in range(count):
-            self._queue.popleft()
-        self._drop("queue_full", count)
-        self._log_once(
-            "queue_full",
-            logging.WARNING,
-            "export queue to %s is full (%d records): dropping the oldest",
-            self.address,
-            self.max_queue_records,
-        )
-
-    def _drop(self, reason: str, count: int) -> None:
-        self.stats.records_dropped[reason] += count
+    def _queued(self, added: bool) -> bool:
+        if added:
+            self._idle.clear()
+            self._wakeup.set()
+        return added
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return self.delivery.queued
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -453,19 +370,16 @@ class ExportingProcess:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
             self._task = None
-        if self._queue:
-            self._drop("shutdown", len(self._queue))
-            log.warning(
-                "closing the exporter to %s with %d records unsent", self.address, len(self._queue)
-            )
-            self._queue.clear()
+        unsent = self.delivery.drop_all("shutdown")
+        if unsent:
+            log.warning("closing the exporter to %s with %d records unsent", self.address, unsent)
         self._idle.set()
 
     # -- sender ---------------------------------------------------------------------------
 
     async def _run(self) -> None:
         backoff = self._backoff_initial
-        while not (self._closing and not self._queue):
+        while not (self._closing and self.delivery.idle):
             connection = _Connection(self.address, self._wakeup.set)
             try:
                 await connection.open(
@@ -518,102 +432,51 @@ class ExportingProcess:
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _serve(self, connection: _Connection) -> None:
-        """Send templates, then queued records, until closing or the session fails."""
-        packer = MessagePacker(self.observation_domain_id, self.max_message_size)
-        udp = self.address.protocol == "udp"
-        loop = asyncio.get_running_loop()
-        await self._send_templates(connection, packer)
-        if self.address.protocol == "tcp":
-            await connection.settle(_TCP_SETTLE_WAIT)
-        refresh_at = loop.time() + self.template_refresh_interval
-        # Over TCP and TLS, the messages the collector's host may not have acknowledged
-        # yet, oldest first, each with the offset where it ends in the session's stream.
-        # What is not acknowledged is in the socket's send buffer, which bounds this.
-        unacknowledged: deque[tuple[int, _Batch]] = deque()
+        """Write what the delivery core hands out until closing or the session fails."""
+        delivery = self.delivery
+        reliable = delivery.reliable
         try:
+            for message in delivery.open_session(self._clock()):
+                await connection.send(message)
+            if self.address.protocol == "tcp":
+                await connection.settle(_TCP_SETTLE_WAIT)
             while True:
-                if udp and loop.time() >= refresh_at:
-                    await self._send_templates(connection, packer)
-                    refresh_at = loop.time() + self.template_refresh_interval
-                if not self._queue:
-                    self._idle.set()
+                now = self._clock()
+                message = delivery.next_message(now)
+                if message is None:
+                    if delivery.idle:
+                        self._idle.set()
                     # Before a stop: the collector may have reset the last messages.
                     if connection.closed_reason is not None:
                         raise ConnectionError(connection.closed_reason)
+                    if reliable:
+                        delivery.acknowledged(connection.acknowledged(), now)
                     if self._closing:
+                        delivery.closed(now)
                         return
-                    self._wakeup.clear()
-                    timeout = max(0.0, refresh_at - loop.time()) if udp else None
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._wakeup.wait(), timeout)
+                    await self._wait(delivery, reliable, now)
                     continue
-                batch = self._take_batch(packer.max_message_size)
-                try:
-                    message = packer.pack_sets(batch, int(self._clock()))
-                    await connection.send(message)
-                except BaseException:
-                    # Not (entirely) handed to the kernel: the collector cannot have decoded
-                    # this message, so its records go back to the front for the next session.
-                    self._requeue([batch])
-                    raise
-                self.stats.records_sent += sum(len(records) for _, records in batch)
-                self.stats.messages_sent += 1
-                if not udp:
-                    unacknowledged.append((connection.written, batch))
+                await connection.send(message)
+                delivery.sent(connection.written, now)
+                if reliable:
+                    delivery.acknowledged(connection.acknowledged(), now)
+        except BaseException:
+            # A failed session, or a stop that could not wait: before the socket closes,
+            # its kernel knows what the collector's host has.
+            acknowledged = 0
+            if reliable:
+                with contextlib.suppress(OSError):
                     acknowledged = connection.acknowledged()
-                    while unacknowledged and unacknowledged[0][0] <= acknowledged:
-                        unacknowledged.popleft()
-        except (OSError, ssl.SSLError, ConnectionError):
-            if unacknowledged:
-                # Before the socket closes: its kernel knows what the collector's host has.
-                self._take_back(unacknowledged, connection.acknowledged())
+            delivery.failed(acknowledged, self._clock())
             raise
 
-    def _take_back(self, unacknowledged: deque[tuple[int, _Batch]], acknowledged: int) -> None:
-        """Requeue the records of the messages of a failed session that the collector's host
-        has not entirely acknowledged (a collector cannot decode part of a message), and
-        count them as not sent.
-
-        Acknowledged messages are never sent again. What no exporter over TCP can know: a
-        message the collector's host acknowledged but its process never read (killed with
-        it in its receive buffer) is lost, and one it read whose acknowledgement was still
-        delayed when its host reset the session is sent twice."""
-        lost = [batch for end, batch in unacknowledged if end > acknowledged]
-        unacknowledged.clear()
-        if lost:
-            requeued = self._requeue(lost)
-            self.stats.records_sent -= requeued
-            self.stats.records_requeued += requeued
-
-    def _take_batch(self, max_message_size: int) -> _Batch:
-        """Remove and return the oldest records that fit one message, as runs of records
-        of the same template (each run becomes one data set)."""
-        queue = self._queue
-        batch: _Batch = []
-        used = HEADER.size
-        current = -1
-        records: list[bytes] = []
-        while queue:
-            tid, record = queue[0]
-            cost = len(record) + (SET_HEADER.size if tid != current else 0)
-            if used + cost > max_message_size:
-                break
-            queue.popleft()
-            if tid != current:
-                records = []
-                batch.append((tid, records))
-                current = tid
-            records.append(record)
-            used += cost
-        return batch
-
-    async def _send_templates(self, connection: _Connection, packer: MessagePacker) -> None:
-        for message in template_messages(
-            list(self.templates.values()),
-            int(self._clock()),
-            packer.sequence_number,
-            self.observation_domain_id,
-            self.max_message_size,
-        ):
-            await connection.send(message)
-            self.stats.messages_sent += 1
+    async def _wait(self, delivery: Delivery, reliable: bool, now: float) -> None:
+        """Until a record is added, templates are due (UDP) or it is time to ask the
+        kernel about acknowledgements (TCP, TLS)."""
+        self._wakeup.clear()
+        due = delivery.templates_due(now)
+        timeout = None if due is None else max(0.0, due - now)
+        if reliable and delivery.awaiting_acknowledgement:
+            timeout = _ACK_POLL if timeout is None else min(timeout, _ACK_POLL)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout)

@@ -221,10 +221,12 @@ class MessagePacker:
 
 @dataclass(slots=True)
 class DataSet:
-    """The records of one data set, decoded with `template`."""
+    """The records of one data set, decoded with `template`; the first is numbered
+    `first_sequence` in its exporter's stream, the others follow."""
 
     template: Template
     records: list[dict[str, Any]]
+    first_sequence: int = 0
 
 
 @dataclass(slots=True)
@@ -239,6 +241,37 @@ class Message:
     @property
     def record_count(self) -> int:
         return sum(len(ds.records) for ds in self.data_sets)
+
+    def without_seen(self, seen: int, wanted: Sequence[int] = ()) -> Message:
+        """The message without its first `seen` records (received before), but for those
+        at the positions `wanted`: data sets cut so that their records stay consecutive."""
+        keep = set(wanted)
+        out = Message(
+            self.export_time,
+            (self.sequence_number + seen) % _SEQUENCE_MODULO,
+            self.observation_domain_id,
+            templates=self.templates,
+            withdrawn=self.withdrawn,
+        )
+        position = 0
+        for data_set in self.data_sets:
+            records = data_set.records
+            start = position
+            position += len(records)
+            for i in sorted(p - start for p in keep if start <= p < position):
+                out.data_sets.append(
+                    DataSet(data_set.template, [records[i]], data_set.first_sequence + i)
+                )
+            skip = max(0, min(len(records), seen - start))
+            if skip < len(records):
+                out.data_sets.append(
+                    DataSet(
+                        data_set.template,
+                        records[skip:],
+                        (data_set.first_sequence + skip) % _SEQUENCE_MODULO,
+                    )
+                )
+        return out
 
 
 def check_header(data: bytes) -> int:
@@ -314,8 +347,12 @@ class SessionDecoder:
         limits: TemplateLimits | None = None,
         budget: TemplateBudget | None = None,
         sequence_counts: SequenceCounts | None = None,
+        track_sequences: bool = True,
     ):
+        """`track_sequences`: False where the caller tracks sequence numbers itself (across
+        the sessions of an exporter)."""
         self.template_timeout = template_timeout
+        self.track_sequences = track_sequences
         self.registry = registry
         self.limits = limits or TemplateLimits()
         self.budget = budget or TemplateBudget(self.limits.max_total_bytes)
@@ -390,8 +427,9 @@ class SessionDecoder:
                         "unknown_template",
                         f"data set for template {set_id} of domain {domain}, not announced",
                     )
+                first = (sequence + message.record_count) % _SEQUENCE_MODULO
                 message.data_sets.append(
-                    DataSet(template, _read_records(data, body_start, set_end, template))
+                    DataSet(template, _read_records(data, body_start, set_end, template), first)
                 )
             else:
                 raise MessageError("bad_set_id", f"reserved set id {set_id}")
@@ -399,7 +437,7 @@ class SessionDecoder:
         if staged:
             self._check_limits(domain, staged)
             self._commit(domain, staged, now)
-        if message.record_count or domain in self._domains:
+        if self.track_sequences and (message.record_count or domain in self._domains):
             self.sequences.observe(domain, sequence, message.record_count)
         return message
 

@@ -20,6 +20,7 @@ from antrea_flow.ipfix.antrea import (
     aggregator_templates,
     exporter_templates,
 )
+from antrea_flow.ipfix.messages import SessionDecoder
 
 COLLECTOR = TransportAddress("127.0.0.1", 4739, "tcp")  # never connected: the sink is not started
 
@@ -152,14 +153,20 @@ def test_json_sink_logs_a_persistent_write_error_once(caplog):
 
 
 def queued(sink: IPFIXSink) -> list[tuple[int, dict]]:
-    """The records waiting in the sink's exporting process, decoded with our templates."""
-    templates = {t.template_id: t for t in aggregator_templates()}
-    out = []
-    for template_id, data in list(sink.exporter._queue):
-        values, end = templates[template_id].decode(data, 0)
-        assert end == len(data)
-        out.append((template_id, values))
-    return out
+    """The records waiting in the sink's exporting process: the messages its delivery core
+    hands a session (no socket needed: it is sans-IO), decoded by an independent session."""
+    delivery = sink.exporter.delivery
+    decoder = SessionDecoder()
+    messages = delivery.open_session(0.0)
+    while (message := delivery.next_message(0.0)) is not None:
+        delivery.sent(0, 0.0)
+        messages.append(message)
+    return [
+        (data_set.template.template_id, record)
+        for message in messages
+        for data_set in decoder.decode(message).data_sets
+        for record in data_set.records
+    ]
 
 
 def test_ipfix_sink_picks_the_template_by_address_family():
@@ -178,8 +185,8 @@ def test_ipfix_sink_picks_the_template_by_address_family():
     assert v6["sourceIPv6Address"] == "fd00::5"
     assert v6["destinationIPv6Address"] == "fd00::7"
     assert v6["originalExporterIPv6Address"] == "fd00:77::101"
-    assert sink.exporter.observation_domain_id == 9
-    assert sink.exporter.template_refresh_interval == 600
+    assert sink.exporter.delivery.observation_domain_id == 9
+    assert sink.exporter.delivery.template_refresh == 600
 
 
 def test_ipfix_sink_carries_pod_labels():

@@ -242,8 +242,10 @@ def _sample(draw, f: Field):
         return draw(st.integers(0, 2**32 - 1))
     if t == DataType.dateTimeMilliseconds:
         return draw(st.integers(0, 2**63))
-    if t in (DataType.dateTimeMicroseconds, DataType.dateTimeNanoseconds):
-        return draw(st.integers(0, 2**60))
+    if t == DataType.dateTimeMicroseconds:  # within the NTP era (until 2036)
+        return draw(st.integers(0, 2_000_000_000 * 10**6))
+    if t == DataType.dateTimeNanoseconds:
+        return draw(st.integers(0, 2_000_000_000 * 10**9))
     return zero_value(f)
 
 
