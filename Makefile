@@ -3,6 +3,9 @@
 # missing and nothing else.
 
 PYTHON ?= python3
+# Seconds `make fuzz` spends on each harness of test/fuzz/.
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS := decoder framing config
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -14,7 +17,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := iproute2 iptables nftables conntrack tshark softflowd iperf3 procps \
 	libnetfilter-queue-dev build-essential python3-venv python3-dev
 
-.PHONY: setup system-packages quickstart test bench lint
+.PHONY: setup system-packages quickstart test bench lint fuzz
 
 setup: system-packages $(STAMP)
 
@@ -47,3 +50,19 @@ bench: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# Each harness at length over a working corpus in out/fuzz/<target> (kept between runs, so
+# each run starts where the last left off); a crash stops that harness, the others go on.
+fuzz: setup
+	@failed=""; for t in $(FUZZ_TARGETS); do \
+		mkdir -p out/fuzz/$$t out/fuzz/crashes/$$t; \
+		cp -rn test/fuzz/corpus/$$t/. out/fuzz/$$t/; \
+		echo "== fuzz $$t for $(FUZZ_SECONDS) s (log: out/fuzz/$$t.log)"; \
+		$(PY) test/fuzz/fuzz_$$t.py -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+			-artifact_prefix=out/fuzz/crashes/$$t/ out/fuzz/$$t >out/fuzz/$$t.log 2>&1 \
+			|| { failed="$$failed $$t"; grep -A3 -m1 "Uncaught Python exception" out/fuzz/$$t.log; \
+			grep "Test unit written to" out/fuzz/$$t.log; }; \
+		grep -E "^#[0-9]+[[:space:]]" out/fuzz/$$t.log | tail -1; \
+		echo "$$t: $$(sed -n 's/^stat::number_of_executed_units: *//p' out/fuzz/$$t.log) inputs executed"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "crashes in:$$failed (out/fuzz/crashes/)"; exit 1; fi
