@@ -206,6 +206,8 @@ class Flow:
     # the totals grew since, whichever Node's record made them grow.
     exported_totals: tuple[int, int, int, int] = (0, 0, 0, 0)
     heap_deadline: float | None = None
+    # (exporter, sequence number) of the records it holds that no export carried yet.
+    pending: list[tuple[tuple[str, int], int]] | None = None
 
     @property
     def both_sides(self) -> bool:
@@ -235,6 +237,14 @@ def _needs_peer(record: dict[str, Any]) -> bool:
     if record.get("ingressNetworkPolicyRuleAction") == ACTION_REJECT:
         return False
     return len(_side(record)) == 1
+
+
+def _reported_before(record: dict[str, Any]) -> tuple[int, int, int, int]:
+    """The totals a Node had reported before this record: its totals less its deltas."""
+    get = record.get
+    return tuple(  # type: ignore[return-value]
+        max(0, get(total, 0) - get(delta, 0)) for total, delta in zip(_TOTALS, _DELTAS, strict=True)
+    )
 
 
 def _throughput(octets: int, seconds: int) -> int:
@@ -273,9 +283,15 @@ class AggregationStore:
         # Records of flows a new connection replaced, exported by the next `expire`.
         self._retired: list[dict[str, Any]] = []
         self._retired_at: float | None = None
+        self._pending: dict[tuple[str, int], set[int]] = {}
 
     def __len__(self) -> int:
         return len(self._flows)
+
+    def pending(self) -> dict[tuple[str, int], frozenset[int]]:
+        """By exporter, the sequence numbers of the records no export carried yet: what a
+        restarted aggregator needs from a replay (the rest it exported, or ignored)."""
+        return {exporter: frozenset(seqs) for exporter, seqs in self._pending.items() if seqs}
 
     @property
     def waiting(self) -> int:
@@ -287,8 +303,15 @@ class AggregationStore:
 
     # -- intake ----------------------------------------------------------------------------
 
-    def add(self, record: dict[str, Any], exporter: tuple[str, int], now: float) -> None:
-        """Aggregate one record from an agent (IE names to values)."""
+    def add(
+        self,
+        record: dict[str, Any],
+        exporter: tuple[str, int],
+        now: float,
+        sequence: int | None = None,
+    ) -> None:
+        """Aggregate one record from an agent (IE names to values); `sequence` is its
+        number in the exporter's stream, kept until an export carried it (see `pending`)."""
         self.stats.received += 1
         key = flow_key(record)
         if key[0] is None or key[1] is None:
@@ -299,10 +322,21 @@ class AggregationStore:
             self._retire(flow, now)
             flow = None
         if flow is None:
-            self._create(key, record, exporter, now)
+            flow = self._create(key, record, exporter, now)
+        elif not self._aggregate(flow, record):
             return
-        if not self._aggregate(flow, record):
-            return
+        else:
+            self._updated(flow, record, exporter, now)
+        if sequence is not None:
+            if flow.pending is None:
+                flow.pending = []
+            flow.pending.append((exporter, sequence))
+            held = self._pending.get(exporter)
+            if held is None:
+                held = self._pending[exporter] = set()
+            held.add(sequence)
+
+    def _updated(self, flow: Flow, record: dict[str, Any], exporter: tuple[str, int], now: float):
         flow.exporter = exporter
         flow.last_update = now
         flow.updated = True
@@ -316,7 +350,9 @@ class AggregationStore:
                 flow.next_export = min(flow.next_export, now)  # the final record, at once
             self._schedule(flow, max(flow.next_export, now))
 
-    def _create(self, key: tuple, record: dict[str, Any], exporter: tuple[str, int], now: float):
+    def _create(
+        self, key: tuple, record: dict[str, Any], exporter: tuple[str, int], now: float
+    ) -> Flow:
         stats = _SideStats(record)
         sides = _side(record)
         needs_peer = _needs_peer(record)
@@ -331,12 +367,16 @@ class AggregationStore:
             last_update=now,
             next_export=now,
             exporter=exporter,
+            # What was reported before this record is not this flow's to count again (an
+            # aggregator that started while the connection was under way).
+            exported_totals=_reported_before(record),
         )
         self._flows[key] = flow
         if needs_peer:
             self._waiting += 1
         stats.set_common(flow.record)
         self._schedule(flow, now if flow.ready else now + self.correlation_timeout)
+        return flow
 
     def _set_ready(self, flow: Flow, incomplete: bool = False) -> None:
         """The flow stops waiting for its peer: it found it, or it goes out without it."""
@@ -372,6 +412,8 @@ class AggregationStore:
                     flow.source = stats
                 else:
                     flow.destination = stats
+                before = _reported_before(record)
+                flow.exported_totals = tuple(map(max, flow.exported_totals, before))  # type: ignore[assignment]
             elif stats is applied:
                 continue  # an intra-node flow's two sides are one object
             elif end < stats.end or (end == stats.end and stats.same_totals(record)):
@@ -495,5 +537,9 @@ class AggregationStore:
         merged["throughput"] = merged["reverseThroughput"] = 0
         flow.updated = False
         flow.next_export = now + self.export_interval
+        if flow.pending is not None:
+            for exporter, sequence in flow.pending:
+                self._pending[exporter].discard(sequence)
+            flow.pending = None
         self.stats.exported += 1
         return record

@@ -42,6 +42,7 @@ class AggregatorConfig:
     inventory_file: str = ""  # Pods by IP, to complete records and add Pod labels
     max_message_size: int | None = None  # of the IPFIX export; None: by transport
     limits: CollectorLimits = CollectorLimits()  # what the agents' side may make us hold
+    state_dir: str = ""  # where the checkpoint is kept; "" keeps none
 
     @property
     def tls(self) -> bool:
@@ -182,6 +183,9 @@ def load_aggregator_config(path: str | os.PathLike) -> AggregatorConfig:
         "certDir", "/var/run/antrea-flow/flow-aggregator", "a directory for the certificates"
     )
     json_log = reader.string("jsonLogPath", "", "a file path (empty: no JSON log)")
+    state_dir = reader.string(
+        "stateDir", cert_dir, "a directory for the checkpoint (empty: no checkpoint)"
+    )
     inventory = reader.string("inventoryFile", "", "a path to a Kubernetes List YAML file")
     metrics_text = reader.string("metricsBindAddress", ":10348", "[HOST]:PORT or empty")
     metrics = (
@@ -217,4 +221,5 @@ def load_aggregator_config(path: str | os.PathLike) -> AggregatorConfig:
         inventory_file=inventory,
         max_message_size=message_size,
         limits=limits,
+        state_dir=state_dir,
     )

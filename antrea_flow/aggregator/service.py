@@ -8,19 +8,22 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
 from ..errors import UsageError, cannot_listen
 from ..ipfix.address import is_ip
-from ..ipfix.collecting import LIMIT_REASONS, CollectingProcess, Peer
+from ..ipfix.collecting import LIMIT_REASONS, CollectingProcess, Peer, exporter_key
 from ..ipfix.messages import Message
+from ..ipfix.sequences import MODULO
 from ..k8s.inventory import InventoryFileSource
 from ..k8s.stores import MetadataStore, pack_ip
 from ..metrics import OwnerCollector, counter, gauge, labelled_counter, run_until_signalled
 from ..tls import server_context
 from ..tls.provision import ensure_aggregator_certificates
 from .aggregation import AggregationStore
+from .checkpoint import CHECKPOINT_FILE, Checkpointer
 from .config import AggregatorConfig, load_aggregator_config
 from .sinks import IPFIXSink, JSONLinesSink
 
@@ -73,9 +76,28 @@ class Aggregator:
             names, addresses = _certificate_names(config)
             files = ensure_aggregator_certificates(config.cert_dir, names, addresses)
             ssl_context = server_context(files.server_cert, files.server_key, files.ca)
+        # Sequence numbers per agent across sessions: what an agent replays after a
+        # reconnect and was received before is dropped, what a dead aggregator lost is
+        # counted (and, with the checkpoint, taken back from the replay).
         self.collector = CollectingProcess(
-            config.listen, self._intake, ssl_context=ssl_context, limits=config.limits
+            config.listen,
+            self._intake,
+            ssl_context=ssl_context,
+            limits=config.limits,
+            sequence_scope="exporter",
         )
+        self.checkpoint: Checkpointer | None = None
+        if config.state_dir and config.listen.protocol != "udp":
+            state = Path(config.state_dir)
+            if state.exists() and not state.is_dir():
+                raise UsageError(
+                    f"stateDir: {config.state_dir!r} is not a directory; expected a directory "
+                    "the aggregator can write (created if missing), or '' for no checkpoint"
+                )
+            assert self.collector.exporter_sequences is not None
+            self.checkpoint = Checkpointer(
+                state / CHECKPOINT_FILE, self.collector.exporter_sequences, self.store
+            )
         if config.external_collector is not None:
             self.sinks.append(
                 IPFIXSink(
@@ -99,11 +121,14 @@ class Aggregator:
 
     def _intake(self, peer: Peer, message: Message) -> None:
         now = self.clock()
-        exporter = (peer.address.removeprefix("::ffff:"), message.observation_domain_id)
+        exporter = exporter_key(peer, message.observation_domain_id)
         add = self.store.add
+        numbered = self.checkpoint is not None  # only a checkpoint needs what is pending
         for data_set in message.data_sets:
+            sequence = data_set.first_sequence
             for record in data_set.records:
-                add(record, exporter, now)
+                add(record, exporter, now, sequence if numbered else None)
+                sequence = (sequence + 1) % MODULO
 
     def export_due(self, drain: bool = False, limit: int | None = None) -> int:
         now = self.clock()
@@ -136,6 +161,16 @@ class Aggregator:
         self.metrics.bind(asyncio.get_running_loop())  # scrapes read the loop's state there
         if self.inventory is not None:
             self.inventory.refresh()
+        if self.checkpoint is not None:
+            exporters, owed = self.checkpoint.restore(self.clock())
+            if exporters:
+                log.info(
+                    "resuming %d agents' sequence numbers from %s; %d records received "
+                    "before the restart and not yet exported are taken back from their replays",
+                    exporters,
+                    self.checkpoint.path,
+                    owed,
+                )
         try:
             await self.collector.start()
         except OSError as exc:
@@ -164,6 +199,8 @@ class Aggregator:
                 # In batches, letting the intake run in between.
                 while self.export_due(limit=EXPORT_BATCH) == EXPORT_BATCH:
                     await asyncio.sleep(0)
+                if self.checkpoint is not None:
+                    await self.checkpoint.tick(self.clock())
                 due = self.store.next_event()
                 wait = 1.0 if due is None else min(1.0, max(0.0, due - self.clock()))
                 with contextlib.suppress(TimeoutError):
@@ -171,6 +208,8 @@ class Aggregator:
         finally:
             await self.collector.stop()
             self.export_due(drain=True)
+            if self.checkpoint is not None:
+                await self.checkpoint.save(self.clock())  # nothing pending after the drain
             for sink in self.sinks:
                 await sink.stop()
 
@@ -266,10 +305,24 @@ class Aggregator:
             dict(collector.limits),
             always=LIMIT_REASONS,
         )
+        sequences = collector.sequences
         yield counter(
             "antrea_flow_aggregator_records_lost_total",
-            "Records missing according to the agents' sequence numbers.",
-            collector.lost_records,
+            "Records missing according to the agents' sequence numbers (never received, or "
+            "held by an aggregator that stopped without exporting them and not replayed).",
+            sequences.lost,
+        )
+        yield labelled_counter(
+            "antrea_flow_aggregator_records_replayed_total",
+            "Records agents sent again after a reconnect: dropped as received before "
+            "(duplicate), or taken back after a restart (recovered).",
+            "outcome",
+            {"duplicate": sequences.repeated, "recovered": sequences.recovered},
+        )
+        yield counter(
+            "antrea_flow_aggregator_sequence_resets_total",
+            "Agents that started numbering their records again (a restarted agent).",
+            sequences.resets,
         )
 
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import socket
 import ssl
 import time
@@ -121,6 +122,9 @@ class Agent:
             observation_domain_id(node_name),
             ssl_context=ssl_context,
             server_hostname=server_name,
+            replay_window=config.replay_window,
+            # A restarted agent must not continue a numbering the aggregator still follows.
+            first_sequence=random.SystemRandom().getrandbits(32),
         )
         # The deny-queue thread gets an enricher of its own: an enricher has one owner.
         self.denied = DenyStore(
@@ -309,6 +313,17 @@ class Agent:
             "Flow records written to the collector connection (whole messages in the kernel; "
             "a record requeued after a lost session counts again when re-sent).",
             exporter.records_written,
+        )
+        yield counter(
+            "antrea_agent_flow_records_replayed_total",
+            "Flow records of acknowledged messages sent again at the start of a session "
+            "(exportReplayWindow), for an aggregator that may have lost them.",
+            exporter.records_replayed,
+        )
+        yield gauge(
+            "antrea_agent_flow_replay_records",
+            "Flow records of acknowledged messages kept for replay.",
+            self.exporter.delivery.replay_held,
         )
         yield counter(
             "antrea_agent_flow_records_requeued_total",

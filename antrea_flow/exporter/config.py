@@ -85,6 +85,7 @@ class AgentConfig:
     protocol_filter: tuple[str, ...] | None  # None: every protocol; (): none
     deny_queue: int | None = None  # NFQUEUE of denied packets; None: not listening
     deny_record_rate: float = 5000.0  # denied packets recorded per second, at most
+    replay_window: float = 90.0  # acknowledged records sent again to a reconnected collector
 
     @property
     def tls_files(self) -> tuple[str, str, str]:
@@ -159,6 +160,7 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
     protocols = reader.string_list("protocolFilter", None, PROTOCOLS)
     deny_queue = reader.integer("denyQueue", -1, 0, 65535)
     deny_rate = reader.integer("denyRecordRate", 5000, 1, 10_000_000)
+    replay_window = reader.duration("exportReplayWindow", 90.0, minimum=0.0)
     ignored = reader.reject_unknown(_ANTREA_AGENT_KEYS)
     if ignored:
         log.debug("antrea-agent.conf keys not used by antrea-flow: %s", ", ".join(ignored))
@@ -181,4 +183,5 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
         protocol_filter=tuple(protocols) if protocols is not None else None,
         deny_queue=None if deny_queue < 0 else deny_queue,
         deny_record_rate=float(deny_rate),
+        replay_window=replay_window,
     )

@@ -59,6 +59,12 @@ class Peer:
 Handler = Callable[[Peer, Message], None]
 
 
+def exporter_key(peer: Peer, observation_domain_id: int) -> tuple[str, int]:
+    """What identifies an exporter's stream across sessions: its address (an IPv4-mapped
+    IPv6 one as IPv4) and the observation domain."""
+    return peer.address.removeprefix("::ffff:"), observation_domain_id
+
+
 @dataclass(frozen=True, slots=True)
 class CollectorLimits:
     """What peers can make a collecting process hold."""
@@ -487,7 +493,7 @@ class CollectingProcess:
         tracker = self.exporter_sequences
         if tracker is not None:
             seen = tracker.observe(
-                (peer.address, message.observation_domain_id),
+                exporter_key(peer, message.observation_domain_id),
                 message.sequence_number,
                 message.record_count,
                 message.export_time,

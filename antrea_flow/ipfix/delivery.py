@@ -196,6 +196,11 @@ class Delivery:
         )
 
     @property
+    def next_sequence(self) -> int:
+        """The sequence number the next record packed will get."""
+        return self._packer.sequence_number
+
+    @property
     def awaiting_acknowledgement(self) -> bool:
         """Messages of this session are in the kernel, not yet acknowledged (TCP, TLS)."""
         return bool(self._in_flight)

@@ -110,11 +110,14 @@ class SequenceTracker:
     def observe(self, stream: Hashable, sequence: int, records: int, export_time: int = 0) -> Seen:
         """A message with `records` data records numbered from `sequence` arrived: which of
         its first records were received before (none without `replays`)."""
+        if not records:
+            # Templates only: a session's first message, dated when it went, whatever its
+            # data messages are (replays keep their date). It tells nothing about records.
+            return NOTHING_SEEN
         end = (sequence + records) % MODULO
         state = self._streams.get(stream)
         if state is None:
-            if records:
-                self._remember(stream, _Stream(end, export_time))
+            self._remember(stream, _Stream(end, export_time))
             return NOTHING_SEEN
         expected = state.expected
         ahead = (sequence - expected) % MODULO

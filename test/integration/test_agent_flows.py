@@ -102,6 +102,7 @@ class Harness:
     collector: CollectingProcess | None = None
     instance: int = 0
     records: list[dict[str, Any]] = field(default_factory=list)
+    sequences: list = field(default_factory=list)  # the last collector's, for the next
 
     def _handle(self, peer: Peer, message: Message) -> None:
         for record in message_records(peer, message):
@@ -109,8 +110,18 @@ class Harness:
             self.records.append(record)
 
     async def start_collector(self) -> None:
+        """A collector that follows the agent's sequence numbers across its sessions, and
+        across its own restarts (as the aggregator does through its checkpoint), so the
+        agent's replay after a reconnect is taken once."""
         self.instance += 1
-        collector = CollectingProcess(TransportAddress("127.0.0.1", self.port, "tcp"), self._handle)
+        collector = CollectingProcess(
+            TransportAddress("127.0.0.1", self.port, "tcp"),
+            self._handle,
+            sequence_scope="exporter",
+        )
+        assert collector.exporter_sequences is not None
+        for stream, expected, export_time in self.sequences:
+            collector.exporter_sequences.resume(stream, expected, export_time)
         await collector.start()
         self.collector = collector
         self.port = collector.port
@@ -118,6 +129,8 @@ class Harness:
     async def stop_collector(self) -> None:
         if self.collector is not None:
             await self.collector.stop()
+            assert self.collector.exporter_sequences is not None
+            self.sequences = self.collector.exporter_sequences.state()
             self.collector = None
 
     def flow(self, proto: int, source_port: int) -> list[dict[str, Any]]:

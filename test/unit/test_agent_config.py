@@ -30,6 +30,7 @@ def test_empty_file_gives_the_documented_defaults(write):
     assert config.protocol_filter is None  # every protocol
     assert config.tls_cert_dir == ""
     assert config.inventory_file == ""
+    assert config.replay_window == 90.0
 
 
 def test_comments_only_file_is_the_same_as_an_empty_one(write):
@@ -532,3 +533,19 @@ def test_conntrack_zone_bounds(write):
     assert load_agent_config(write("conntrackZone: 0\n")).conntrack_zone == 0
     assert load_agent_config(write("conntrackZone: 65535\n")).conntrack_zone == 65535
     config_error(write("conntrackZone: 65536\n"))
+
+
+def test_export_replay_window_reaches_the_exporter_and_0s_turns_it_off(write):
+    for text, seconds in (("exportReplayWindow: 2m", 120.0), ("exportReplayWindow: 0s", 0.0)):
+        config = load_agent_config(write(f"flowCollectorAddr: 127.0.0.1:4739:tcp\n{text}\n"))
+        assert config.replay_window == seconds
+        exporter = agent.Agent(config, "node-1").exporter
+        assert exporter.delivery.replay_window == seconds
+    message = config_error(write("exportReplayWindow: soon\n"))
+    assert "exportReplayWindow" in message and "'soon'" in message
+
+
+def test_two_agents_do_not_start_numbering_at_the_same_record(write):
+    config = load_agent_config(write("flowCollectorAddr: 127.0.0.1:4739:tcp\n"))
+    firsts = {agent.Agent(config, "node-1").exporter.delivery.next_sequence for _ in range(4)}
+    assert len(firsts) == 4

@@ -453,3 +453,16 @@ def test_collector_limits_bad_values_name_the_key(load, key, value):
 def test_collector_limits_unknown_key(load):
     message = error_of(load, "collectorLimits:\n  maxSesions: 10\n")
     assert "collectorLimits.maxSesions" in message and "maxSessions" in message
+
+
+def test_state_dir_defaults_to_cert_dir_and_empty_keeps_no_checkpoint(load, tmp_path):
+    assert load(f"certDir: {tmp_path / 'certs'}\n").state_dir == str(tmp_path / "certs")
+    config = load(f"certDir: {tmp_path}/c\nstateDir: ''\naggregatorTransportProtocol: tcp\n")
+    assert config.state_dir == ""
+    assert Aggregator(config).checkpoint is None
+    config = load(f"stateDir: {tmp_path}/s\naggregatorTransportProtocol: tcp\n")
+    assert Aggregator(config).checkpoint.path == tmp_path / "s" / "exporters.checkpoint"
+    (tmp_path / "file").write_text("")
+    config = load(f"stateDir: {tmp_path}/file\naggregatorTransportProtocol: tcp\n")
+    with pytest.raises(UsageError, match="stateDir: .* is not a directory"):
+        Aggregator(config)

@@ -41,7 +41,7 @@ def test_random_sequence_numbers_cannot_inflate_the_loss():
     rng = random.Random(9)
     messages = 20_000
     for _ in range(messages):
-        tracker.observe("a", rng.randrange(MODULO), rng.randrange(30))
+        tracker.observe("a", rng.randrange(MODULO), rng.randrange(1, 30))
     assert tracker.counts.lost <= messages * MAX_GAP * 2 // 4096 + MAX_GAP
     assert tracker.counts.resets >= messages * 0.99
 
@@ -130,3 +130,12 @@ def test_wanted_records_not_replayed_before_new_ones_are_lost():
     assert tracker.counts.lost == 2 and tracker.counts.recovered == 0
     tracker.resume("b", 10, export_time=1_000, wanted=[5])
     assert tracker.lose_wanted() == 1 and tracker.counts.lost == 3
+
+
+def test_a_sessions_template_message_does_not_make_its_replay_look_like_a_reset():
+    tracker = SequenceTracker(replays=True)
+    tracker.observe("a", 100, 50, export_time=1_000)
+    # Reconnected: templates dated now, numbered as the replay that follows them.
+    assert tracker.observe("a", 120, 0, export_time=1_060) == Seen()
+    assert tracker.observe("a", 120, 30, export_time=1_000) == Seen(30)
+    assert tracker.counts.resets == 0 and tracker.counts.repeated == 30
