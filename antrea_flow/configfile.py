@@ -18,6 +18,49 @@ class ConfigError(UsageError):
     pass
 
 
+_SHOWN = 120  # characters of a value quoted in an error
+
+
+def cut(text: str, limit: int = _SHOWN) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shown(value: Any) -> str:
+    """`value` as an error quotes it: its repr, cut short if long (a whole value can be a
+    megabyte, or an integer too long for repr at all)."""
+    try:
+        return cut(repr(value))
+    except ValueError:  # an integer of more than 4300 digits
+        return f"<an integer of {value.bit_length()} bits>"
+
+
+def load_yaml(path: str | os.PathLike, what: str) -> Any:
+    """The YAML document in `path`; a ConfigError that says what is wrong with the file."""
+    return _parse_yaml(path, what, yaml.safe_load)
+
+
+def load_yaml_documents(path: str | os.PathLike, what: str) -> list[Any]:
+    """Every YAML document in `path` (for files of several `---` documents)."""
+    return _parse_yaml(path, what, lambda data: list(yaml.safe_load_all(data)))
+
+
+def _parse_yaml(path: str | os.PathLike, what: str, parse) -> Any:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    try:
+        # From bytes: YAML reads the encoding mark itself, and bytes that are not UTF-8 (or
+        # UTF-16) are its ReaderError, not a UnicodeDecodeError.
+        return parse(data)
+    except yaml.YAMLError as exc:
+        one_line = " ".join(str(exc).split())  # YAML's messages span lines; ours do not
+        raise ConfigError(f"{path}: not valid YAML: {cut(one_line, 400)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
+
+
 class ConfigReader:
     """Typed access to one mapping of a config file; every error names file and key."""
 
@@ -29,13 +72,7 @@ class ConfigReader:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> ConfigReader:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        data = load_yaml(path, "config file")
         if data is None:
             data = {}
         if not isinstance(data, dict):
@@ -46,7 +83,7 @@ class ConfigReader:
 
     def error(self, key: str, value: Any, problem: str, form: str) -> ConfigError:
         return ConfigError(
-            f"{self.source}: {self.prefix}{key}: {value!r} {problem}; expected {form}"
+            f"{self.source}: {self.prefix}{key}: {shown(value)} {problem}; expected {form}"
         )
 
     def _raw(self, key: str) -> tuple[bool, Any]:
@@ -139,8 +176,8 @@ class ConfigReader:
             close = difflib.get_close_matches(str(key), sorted(self.used), n=1)
             hint = f" (did you mean {self.prefix}{close[0]}?)" if close else ""
             raise ConfigError(
-                f"{self.source}: unknown config key {self.prefix}{key!s}: "
-                f"{self.values[key]!r}{hint}; "
+                f"{self.source}: unknown config key {self.prefix}{cut(str(key))}: "
+                f"{shown(self.values[key])}{hint}; "
                 f"expected one of {', '.join(sorted(self.used))}"
             )
         return present_ignored

@@ -7,7 +7,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from ..configfile import ConfigError, ConfigReader
+from ..configfile import ConfigError, ConfigReader, shown
 from ..ipfix.address import AddressError, TransportAddress, is_ip, parse_address
 from ..ipfix.collecting import CollectorLimits
 from ..ipfix.messages import TemplateLimits
@@ -157,7 +157,8 @@ def load_aggregator_config(path: str | os.PathLike) -> AggregatorConfig:
     old, new = reader.values.get("flowExportInterval"), reader.values.get("activeFlowRecordTimeout")
     if old is not None and new is not None:
         raise ConfigError(
-            f"{reader.source}: flowExportInterval: {old!r} and activeFlowRecordTimeout: {new!r} "
+            f"{reader.source}: flowExportInterval: {shown(old)} and activeFlowRecordTimeout: "
+            f"{shown(new)} "
             "are two names of one setting; expected only one of them"
         )
     interval = reader.duration("activeFlowRecordTimeout", interval, minimum=1.0)  # upstream's name

@@ -7,8 +7,7 @@ import logging
 import os
 from typing import Any
 
-import yaml
-
+from ..configfile import ConfigError, load_yaml_documents
 from .stores import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -21,12 +20,9 @@ class InventoryError(ValueError):
 def read_inventory(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The objects of a List document (or of several YAML documents of single objects)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            documents = [d for d in yaml.safe_load_all(f) if d is not None]
-    except OSError as exc:
-        raise InventoryError(f"cannot read inventory {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise InventoryError(f"inventory {path} is not valid YAML: {exc}") from None
+        documents = [d for d in load_yaml_documents(path, "inventory") if d is not None]
+    except ConfigError as exc:
+        raise InventoryError(str(exc)) from None
     objects = []
     for document in documents:
         if not isinstance(document, dict):

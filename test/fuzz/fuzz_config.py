@@ -47,6 +47,8 @@ KEYS = (
     "protocolFilter",
     "denyQueue",
     "denyRecordRate",
+    "exportReplayWindow",
+    "stateDir",
     "externalFlowCollectorAddr",
     "flowExportInterval",
     "activeFlowRecordTimeout",

@@ -28,16 +28,6 @@ pytestmark = pytest.mark.skipif(
 RUNS = {"decoder": 12000, "framing": 20000, "config": 3000}
 MAX_SECONDS = 20
 
-# Crashes found in product code and reported, not yet fixed: (target, what the report
-# says). The test is an expected failure while the harness still finds exactly that.
-KNOWN_CRASHES = {
-    "config": (
-        "UnicodeDecodeError: 'utf-8' codec can't decode",
-        "a config file that is not UTF-8 raises UnicodeDecodeError from "
-        "ConfigReader.from_file instead of a ConfigError (reported, not yet fixed)",
-    ),
-}
-
 
 @pytest.mark.parametrize("target", sorted(RUNS))
 def test_harness_runs_without_a_crash(target: str, tmp_path: Path) -> None:
@@ -58,10 +48,6 @@ def test_harness_runs_without_a_crash(target: str, tmp_path: Path) -> None:
         timeout=MAX_SECONDS * 6,
     )
     report = result.stderr + result.stdout
-    if result.returncode != 0 and target in KNOWN_CRASHES:
-        signature, reason = KNOWN_CRASHES[target]
-        if signature in report:
-            pytest.xfail(reason)
     assert result.returncode == 0, report[-6000:]
     executed = re.search(r"stat::number_of_executed_units: (\d+)", report)
     assert executed and int(executed.group(1)) > 0, report[-2000:]

@@ -549,3 +549,20 @@ def test_two_agents_do_not_start_numbering_at_the_same_record(write):
     config = load_agent_config(write("flowCollectorAddr: 127.0.0.1:4739:tcp\n"))
     firsts = {agent.Agent(config, "node-1").exporter.delivery.next_sequence for _ in range(4)}
     assert len(firsts) == 4
+
+
+@pytest.mark.parametrize(
+    ("data", "said"),
+    [
+        (b'flowPollInterval: "\xff"\n', "not valid YAML"),  # not UTF-8 (found by fuzzing)
+        (b"conntrackZone: 0x" + b"f" * 3600 + b"\n", "an integer of 14400 bits"),
+        (b"flowExporter: " + b"[" * 3000 + b"\n", "not valid YAML"),
+        (b"denyQueue: '" + b"x" * 100_000 + b"'\n", "..."),
+    ],
+    ids=["not-utf8", "huge-integer", "deep-nesting", "huge-string"],
+)
+def test_files_no_one_writes_by_hand_still_get_a_one_line_error(tmp_path, data, said):
+    path = tmp_path / "antrea-agent.conf"
+    path.write_bytes(data)
+    message = config_error(path)
+    assert said in message and len(message) < 600, message
