@@ -50,6 +50,7 @@ bench: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # Each harness at length over a working corpus in out/fuzz/<target> (kept between runs, so
 # each run starts where the last left off); a crash stops that harness, the others go on.

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from .codes import ACTION_NAMES, AGGREGATOR_SERVICE_NAME
 from .errors import UsageError
 from .ipfix.address import TransportAddress
 from .ipfix.collecting import CollectingProcess, Peer
@@ -35,7 +36,6 @@ from .lab.cluster import Cluster
 from .lab.dataplane import Names
 
 LAB = "quickstart"
-ACTIONS = {1: "allow", 2: "drop", 3: "reject"}
 FLOW_TYPES = {1: "intra", 2: "inter", 3: "to-ext", 4: "from-ext"}
 PROBE_EVERY = 4.0
 IPERF = ("frontend/client-1", "backend/web-2", 5201, "10M", 12)
@@ -130,7 +130,7 @@ class Table:
             return ""
         name = record.get(f"{direction}NetworkPolicyName") or "isolation"
         rule = record.get(f"{direction}NetworkPolicyRuleName")
-        return f"{name}{'/' + rule if rule else ''} {ACTIONS.get(action, action)}"
+        return f"{name}{'/' + rule if rule else ''} {ACTION_NAMES.get(action, action)}"
 
     def row(self, record: dict) -> None:
         proto = {6: "tcp", 17: "udp"}.get(record.get("protocolIdentifier"), "ip")
@@ -200,7 +200,7 @@ class Quickstart:
                 "externalFlowCollectorAddr": f"127.0.0.1:{collector_port}:tcp",
                 "flowExportInterval": "5s",
                 "aggregatorTransportProtocol": "tls",
-                "flowAggregatorAddress": "flow-aggregator.flow-aggregator.svc",
+                "flowAggregatorAddress": AGGREGATOR_SERVICE_NAME,
                 "listenAddress": f"127.0.0.1:{aggregator_port}",
                 "inactiveFlowRecordTimeout": "30s",
                 "correlationTimeout": "15s",

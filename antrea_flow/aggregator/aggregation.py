@@ -36,67 +36,108 @@ import heapq
 import itertools
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Literal
 
-from ..ipfix.antrea import KUBERNETES_CONTEXT_ELEMENTS
-
-FLOW_TYPE_INTER_NODE = 2
-ACTION_DROP = 2
-ACTION_REJECT = 3
-END_OF_FLOW = 3
+from ..codes import ACTION_DROP, ACTION_REJECT, END_OF_FLOW, FLOW_TYPE_INTER_NODE
+from ..flowkey import FlowKey, make_key
+from ..ipfix.antrea import (
+    DELTAS,
+    KUBERNETES_CONTEXT_ELEMENTS,
+    TOTALS,
+    FlowRecord,
+)
 
 # Filled from whichever half carries them; never overwritten with an empty value.
-IDENTITY_FIELDS = (
+# One flat Literal: mypy takes a union of Literal aliases for no literal key.
+IdentityName = Literal[
+    "sourcePodName", "sourcePodNamespace", "sourceNodeName", "destinationPodName",
+    "destinationPodNamespace", "destinationNodeName", "destinationServicePort",
+    "destinationServicePortName", "ingressNetworkPolicyName", "ingressNetworkPolicyNamespace",
+    "ingressNetworkPolicyType", "ingressNetworkPolicyRuleName", "ingressNetworkPolicyRuleAction",
+    "egressNetworkPolicyName", "egressNetworkPolicyNamespace", "egressNetworkPolicyType",
+    "egressNetworkPolicyRuleName", "egressNetworkPolicyRuleAction",
+    "destinationClusterIPv4", "destinationClusterIPv6",
+]  # fmt: skip
+IDENTITY_FIELDS: tuple[IdentityName, ...] = (
     *KUBERNETES_CONTEXT_ELEMENTS,
     "destinationClusterIPv4",
     "destinationClusterIPv6",
 )
 _EMPTY = (None, "", 0, "0.0.0.0", "::")
 MAX_UNSIGNED64 = (1 << 64) - 1
-_THROUGHPUTS = tuple(
-    f"{prefix}{side}"
-    for prefix in ("throughput", "reverseThroughput")
-    for side in ("", "FromSourceNode", "FromDestinationNode")
+ThroughputName = Literal[
+    "throughput",
+    "throughputFromSourceNode",
+    "throughputFromDestinationNode",
+    "reverseThroughput",
+    "reverseThroughputFromSourceNode",
+    "reverseThroughputFromDestinationNode",
+]
+_THROUGHPUTS: tuple[ThroughputName, ...] = (
+    "throughput",
+    "throughputFromSourceNode",
+    "throughputFromDestinationNode",
+    "reverseThroughput",
+    "reverseThroughputFromSourceNode",
+    "reverseThroughputFromDestinationNode",
 )
 SIDES = ("SourceNode", "DestinationNode")
-_TOTALS = (
-    "packetTotalCount",
-    "octetTotalCount",
-    "reversePacketTotalCount",
-    "reverseOctetTotalCount",
-)
-_DELTAS = (
-    "packetDeltaCount",
-    "octetDeltaCount",
-    "reversePacketDeltaCount",
-    "reverseOctetDeltaCount",
-)
+SideFieldName = Literal[
+    "packetTotalCountFromSourceNode", "octetTotalCountFromSourceNode",
+    "reversePacketTotalCountFromSourceNode", "reverseOctetTotalCountFromSourceNode",
+    "packetDeltaCountFromSourceNode", "octetDeltaCountFromSourceNode",
+    "reversePacketDeltaCountFromSourceNode", "reverseOctetDeltaCountFromSourceNode",
+    "flowEndSecondsFromSourceNode", "throughputFromSourceNode",
+    "reverseThroughputFromSourceNode",
+    "packetTotalCountFromDestinationNode", "octetTotalCountFromDestinationNode",
+    "reversePacketTotalCountFromDestinationNode", "reverseOctetTotalCountFromDestinationNode",
+    "packetDeltaCountFromDestinationNode", "octetDeltaCountFromDestinationNode",
+    "reversePacketDeltaCountFromDestinationNode", "reverseOctetDeltaCountFromDestinationNode",
+    "flowEndSecondsFromDestinationNode", "throughputFromDestinationNode",
+    "reverseThroughputFromDestinationNode",
+]  # fmt: skip
 # Per-Node IEs of one side, paired with the _SideStats attribute each is read from.
-_SIDE_FIELDS = {
-    side: [(f"{name}From{side}", attr) for name, attr in zip(
-        _TOTALS + _DELTAS,
-        ("packets", "octets", "reverse_packets", "reverse_octets",
-         "d_packets", "d_octets", "d_reverse_packets", "d_reverse_octets"),
-        strict=True,
-    )]
-    + [(f"flowEndSecondsFrom{side}", "end"), (f"throughputFrom{side}", "throughput"),
-       (f"reverseThroughputFrom{side}", "reverse_throughput")]
-    for side in SIDES
+_SIDE_ATTRIBUTES = (
+    "packets", "octets", "reverse_packets", "reverse_octets",
+    "d_packets", "d_octets", "d_reverse_packets", "d_reverse_octets",
+    "end", "throughput", "reverse_throughput",
+)  # fmt: skip
+_SIDE_FIELDS: dict[str, tuple[tuple[SideFieldName, str], ...]] = {
+    "SourceNode": tuple(zip((
+        "packetTotalCountFromSourceNode", "octetTotalCountFromSourceNode",
+        "reversePacketTotalCountFromSourceNode", "reverseOctetTotalCountFromSourceNode",
+        "packetDeltaCountFromSourceNode", "octetDeltaCountFromSourceNode",
+        "reversePacketDeltaCountFromSourceNode", "reverseOctetDeltaCountFromSourceNode",
+        "flowEndSecondsFromSourceNode", "throughputFromSourceNode",
+        "reverseThroughputFromSourceNode",
+    ), _SIDE_ATTRIBUTES, strict=True)),
+    "DestinationNode": tuple(zip((
+        "packetTotalCountFromDestinationNode", "octetTotalCountFromDestinationNode",
+        "reversePacketTotalCountFromDestinationNode",
+        "reverseOctetTotalCountFromDestinationNode",
+        "packetDeltaCountFromDestinationNode", "octetDeltaCountFromDestinationNode",
+        "reversePacketDeltaCountFromDestinationNode",
+        "reverseOctetDeltaCountFromDestinationNode",
+        "flowEndSecondsFromDestinationNode", "throughputFromDestinationNode",
+        "reverseThroughputFromDestinationNode",
+    ), _SIDE_ATTRIBUTES, strict=True)),
 }  # fmt: skip
 
 
-def flow_key(record: dict[str, Any]) -> tuple:
-    get = record.get
-    return (
-        get("sourceIPv4Address") or get("sourceIPv6Address"),
-        get("destinationIPv4Address") or get("destinationIPv6Address"),
-        get("protocolIdentifier", 0),
-        get("sourceTransportPort", 0),
-        get("destinationTransportPort", 0),
+def flow_key(record: FlowRecord) -> FlowKey[str | None]:
+    return make_key(
+        FlowKey,
+        (
+            record.get("sourceIPv4Address") or record.get("sourceIPv6Address"),
+            record.get("destinationIPv4Address") or record.get("destinationIPv6Address"),
+            record.get("protocolIdentifier", 0),
+            record.get("sourceTransportPort", 0),
+            record.get("destinationTransportPort", 0),
+        ),
     )
 
 
-def _side(record: dict[str, Any]) -> tuple[str, ...]:
+def _side(record: FlowRecord) -> tuple[str, ...]:
     """Which Node(s) the record speaks for."""
     source = bool(record.get("sourcePodName"))
     destination = bool(record.get("destinationPodName"))
@@ -117,63 +158,71 @@ class _SideStats:
         "start", "end", "throughput", "reverse_throughput",
     )  # fmt: skip
 
-    def __init__(self, record: dict[str, Any]):
-        get = record.get
-        self.start = get("flowStartSeconds", 0)  # the Node's start time of its connection
-        self.packets, self.octets = get("packetTotalCount", 0), get("octetTotalCount", 0)
-        self.reverse_packets = get("reversePacketTotalCount", 0)
-        self.reverse_octets = get("reverseOctetTotalCount", 0)
-        self.d_packets, self.d_octets = get("packetDeltaCount", 0), get("octetDeltaCount", 0)
-        self.d_reverse_packets = get("reversePacketDeltaCount", 0)
-        self.d_reverse_octets = get("reverseOctetDeltaCount", 0)
-        self.end = get("flowEndSeconds", 0)
+    def __init__(self, record: FlowRecord):
+        self.start = record.get("flowStartSeconds", 0)  # the Node's start time of its connection
+        self.packets, self.octets = (
+            record.get("packetTotalCount", 0),
+            record.get("octetTotalCount", 0),
+        )
+        self.reverse_packets = record.get("reversePacketTotalCount", 0)
+        self.reverse_octets = record.get("reverseOctetTotalCount", 0)
+        self.d_packets, self.d_octets = (
+            record.get("packetDeltaCount", 0),
+            record.get("octetDeltaCount", 0),
+        )
+        self.d_reverse_packets = record.get("reversePacketDeltaCount", 0)
+        self.d_reverse_octets = record.get("reverseOctetDeltaCount", 0)
+        self.end = record.get("flowEndSeconds", 0)
         span = self.end - self.start
         self.throughput = _throughput(self.octets, span)
         self.reverse_throughput = _throughput(self.reverse_octets, span)
 
-    def lower_totals(self, record: dict[str, Any]) -> bool:
+    def lower_totals(self, record: FlowRecord) -> bool:
         """The record counts less than this side did: a connection that began again."""
-        get = record.get
-        return get("packetTotalCount", 0) < self.packets or get("octetTotalCount", 0) < self.octets
-
-    def same_totals(self, record: dict[str, Any]) -> bool:
-        get = record.get
         return (
-            get("packetTotalCount", 0) == self.packets
-            and get("octetTotalCount", 0) == self.octets
-            and get("reversePacketTotalCount", 0) == self.reverse_packets
-            and get("reverseOctetTotalCount", 0) == self.reverse_octets
+            record.get("packetTotalCount", 0) < self.packets
+            or record.get("octetTotalCount", 0) < self.octets
         )
 
-    def update(self, record: dict[str, Any]) -> None:
+    def same_totals(self, record: FlowRecord) -> bool:
+        return (
+            record.get("packetTotalCount", 0) == self.packets
+            and record.get("octetTotalCount", 0) == self.octets
+            and record.get("reversePacketTotalCount", 0) == self.reverse_packets
+            and record.get("reverseOctetTotalCount", 0) == self.reverse_octets
+        )
+
+    def update(self, record: FlowRecord) -> None:
         """A later record of this side: totals replaced, deltas summed, throughput since
         the previous record."""
-        get = record.get
-        end = get("flowEndSeconds", 0)
+        end = record.get("flowEndSeconds", 0)
         span = end - self.end
-        octets, reverse_octets = get("octetTotalCount", 0), get("reverseOctetTotalCount", 0)
+        octets, reverse_octets = (
+            record.get("octetTotalCount", 0),
+            record.get("reverseOctetTotalCount", 0),
+        )
         if span > 0:
             self.throughput = _throughput(octets - self.octets, span)
             self.reverse_throughput = _throughput(reverse_octets - self.reverse_octets, span)
-        self.packets, self.octets = get("packetTotalCount", 0), octets
+        self.packets, self.octets = record.get("packetTotalCount", 0), octets
         self.reverse_packets, self.reverse_octets = (
-            get("reversePacketTotalCount", 0),
+            record.get("reversePacketTotalCount", 0),
             reverse_octets,
         )
-        self.d_packets += get("packetDeltaCount", 0)
-        self.d_octets += get("octetDeltaCount", 0)
-        self.d_reverse_packets += get("reversePacketDeltaCount", 0)
-        self.d_reverse_octets += get("reverseOctetDeltaCount", 0)
+        self.d_packets += record.get("packetDeltaCount", 0)
+        self.d_octets += record.get("octetDeltaCount", 0)
+        self.d_reverse_packets += record.get("reversePacketDeltaCount", 0)
+        self.d_reverse_octets += record.get("reverseOctetDeltaCount", 0)
         self.end = end
 
     def exported(self) -> None:
         self.d_packets = self.d_octets = self.d_reverse_packets = self.d_reverse_octets = 0
         self.throughput = self.reverse_throughput = 0
 
-    def set_common(self, merged: dict[str, Any]) -> None:
+    def set_common(self, merged: FlowRecord) -> None:
         """The common counters follow the latest record's side; totals never go down."""
         for name, value in zip(
-            _TOTALS,
+            TOTALS,
             (self.packets, self.octets, self.reverse_packets, self.reverse_octets),
             strict=True,
         ):
@@ -190,8 +239,8 @@ class _SideStats:
 
 @dataclass(slots=True, eq=False)
 class Flow:
-    key: tuple
-    record: dict[str, Any]  # the merged record (IE names), common counters included
+    key: FlowKey[str | None]
+    record: FlowRecord  # the merged record (IE names), common counters included
     source: _SideStats | None  # None until a record of that side arrived
     destination: _SideStats | None  # (one object for both when records are intra-node)
     needs_peer: bool
@@ -204,7 +253,7 @@ class Flow:
     exporter: tuple[str, int] = ("", 0)  # (address, observation domain) of the latest record
     # The common totals at the previous export: the next export's common deltas are what
     # the totals grew since, whichever Node's record made them grow.
-    exported_totals: tuple[int, int, int, int] = (0, 0, 0, 0)
+    exported_totals: tuple[int, ...] = (0, 0, 0, 0)
     heap_deadline: float | None = None
     # (exporter, sequence number) of the records it holds that no export carried yet.
     pending: list[tuple[tuple[str, int], int]] | None = None
@@ -226,7 +275,7 @@ class AggregationStats:
     clamped: Counter[str] = field(default_factory=Counter)  # exported values, by element
 
 
-def _needs_peer(record: dict[str, Any]) -> bool:
+def _needs_peer(record: FlowRecord) -> bool:
     """As upstream: an inter-node half waits for the other, unless the outcome is decided.
     An egress deny never reached the other Node; an ingress Reject's source half is a
     connection the kernel removes at the RST, before any poll can see it."""
@@ -239,11 +288,11 @@ def _needs_peer(record: dict[str, Any]) -> bool:
     return len(_side(record)) == 1
 
 
-def _reported_before(record: dict[str, Any]) -> tuple[int, int, int, int]:
+def _reported_before(record: FlowRecord) -> tuple[int, ...]:
     """The totals a Node had reported before this record: its totals less its deltas."""
-    get = record.get
-    return tuple(  # type: ignore[return-value]
-        max(0, get(total, 0) - get(delta, 0)) for total, delta in zip(_TOTALS, _DELTAS, strict=True)
+    return tuple(
+        max(0, record.get(total, 0) - record.get(delta, 0))
+        for total, delta in zip(TOTALS, DELTAS, strict=True)
     )
 
 
@@ -255,7 +304,7 @@ def _ended(flow: Flow) -> bool:
     return flow.record.get("flowEndReason") == END_OF_FLOW
 
 
-def _new_connection(flow: Flow, record: dict[str, Any]) -> bool:
+def _new_connection(flow: Flow, record: FlowRecord) -> bool:
     """Whether `record` is of another connection than `flow`, on the same 5-tuple."""
     start = record.get("flowStartSeconds", 0)
     for side in _side(record):
@@ -281,7 +330,7 @@ class AggregationStore:
         self._sequence = itertools.count()
         self._waiting = 0
         # Records of flows a new connection replaced, exported by the next `expire`.
-        self._retired: list[dict[str, Any]] = []
+        self._retired: list[FlowRecord] = []
         self._retired_at: float | None = None
         self._pending: dict[tuple[str, int], set[int]] = {}
 
@@ -298,14 +347,14 @@ class AggregationStore:
         """Flows waiting for the other Node's half (kept as flows change: O(1))."""
         return self._waiting
 
-    def get(self, key: tuple) -> Flow | None:
+    def get(self, key: FlowKey) -> Flow | None:
         return self._flows.get(key)
 
     # -- intake ----------------------------------------------------------------------------
 
     def add(
         self,
-        record: dict[str, Any],
+        record: FlowRecord,
         exporter: tuple[str, int],
         now: float,
         sequence: int | None = None,
@@ -314,7 +363,7 @@ class AggregationStore:
         number in the exporter's stream, kept until an export carried it (see `pending`)."""
         self.stats.received += 1
         key = flow_key(record)
-        if key[0] is None or key[1] is None:
+        if key.source is None or key.destination is None:
             self.stats.ignored["no_addresses"] += 1
             return
         flow = self._flows.get(key)
@@ -336,7 +385,7 @@ class AggregationStore:
                 held = self._pending[exporter] = set()
             held.add(sequence)
 
-    def _updated(self, flow: Flow, record: dict[str, Any], exporter: tuple[str, int], now: float):
+    def _updated(self, flow: Flow, record: FlowRecord, exporter: tuple[str, int], now: float):
         flow.exporter = exporter
         flow.last_update = now
         flow.updated = True
@@ -351,14 +400,14 @@ class AggregationStore:
             self._schedule(flow, max(flow.next_export, now))
 
     def _create(
-        self, key: tuple, record: dict[str, Any], exporter: tuple[str, int], now: float
+        self, key: FlowKey[str | None], record: FlowRecord, exporter: tuple[str, int], now: float
     ) -> Flow:
         stats = _SideStats(record)
         sides = _side(record)
         needs_peer = _needs_peer(record)
         flow = Flow(
             key,
-            dict(record),
+            record.copy(),
             stats if "SourceNode" in sides else None,
             stats if "DestinationNode" in sides else None,
             needs_peer,
@@ -398,7 +447,7 @@ class AggregationStore:
             if self._retired_at is None:
                 self._retired_at = now
 
-    def _aggregate(self, flow: Flow, record: dict[str, Any]) -> bool:
+    def _aggregate(self, flow: Flow, record: FlowRecord) -> bool:
         """Merge a later record of the flow; False when it was ignored (a repeat or stale)."""
         merged = flow.record
         end = record.get("flowEndSeconds", 0)
@@ -413,7 +462,7 @@ class AggregationStore:
                 else:
                     flow.destination = stats
                 before = _reported_before(record)
-                flow.exported_totals = tuple(map(max, flow.exported_totals, before))  # type: ignore[assignment]
+                flow.exported_totals = tuple(map(max, flow.exported_totals, before))
             elif stats is applied:
                 continue  # an intra-node flow's two sides are one object
             elif end < stats.end or (end == stats.end and stats.same_totals(record)):
@@ -422,7 +471,7 @@ class AggregationStore:
                 stats.update(record)
             applied = stats
             for name, value in zip(
-                _TOTALS,
+                TOTALS,
                 (stats.packets, stats.octets, stats.reverse_packets, stats.reverse_octets),
                 strict=True,
             ):
@@ -431,12 +480,13 @@ class AggregationStore:
         if applied is None:
             self.stats.ignored["repeated_or_stale"] += 1
             return False
-        for name in IDENTITY_FIELDS:
-            value = record.get(name)
-            if value not in _EMPTY and merged.get(name) in _EMPTY:
-                merged[name] = value
-        if merged.get("flowEndReason") != END_OF_FLOW:
-            merged["flowEndReason"] = record.get("flowEndReason", merged.get("flowEndReason"))
+        for identity in IDENTITY_FIELDS:
+            known = record.get(identity)
+            if known not in _EMPTY and merged.get(identity) in _EMPTY:
+                merged[identity] = known
+        reason = record.get("flowEndReason")
+        if reason is not None and merged.get("flowEndReason") != END_OF_FLOW:
+            merged["flowEndReason"] = reason
         if end >= merged.get("flowEndSeconds", 0):
             merged["flowEndSeconds"] = end
             merged["tcpState"] = record.get("tcpState", merged.get("tcpState", ""))
@@ -461,11 +511,11 @@ class AggregationStore:
             return self._retired_at if due is None else min(due, self._retired_at)
         return due
 
-    def _take_retired(self) -> list[dict[str, Any]]:
+    def _take_retired(self) -> list[FlowRecord]:
         out, self._retired, self._retired_at = self._retired, [], None
         return out
 
-    def expire(self, now: float, limit: int | None = None) -> list[dict[str, Any]]:
+    def expire(self, now: float, limit: int | None = None) -> list[FlowRecord]:
         """Records to export now (aggregated, with per-Node counters and provenance); at
         most `limit` (besides those of flows a new connection replaced), the rest stay due
         for the next call."""
@@ -496,7 +546,7 @@ class AggregationStore:
                 self._schedule(flow, flow.last_update + self.inactive_timeout)
         return out
 
-    def drain(self, now: float) -> list[dict[str, Any]]:
+    def drain(self, now: float) -> list[FlowRecord]:
         """On shutdown: every flow updated since its last export, waiting ones included
         (flagged incomplete), so stopping loses nothing received."""
         out = self._take_retired()
@@ -508,32 +558,32 @@ class AggregationStore:
                 out.append(self._export(flow, now))
         return out
 
-    def _export(self, flow: Flow, now: float) -> dict[str, Any]:
-        record = dict(flow.record)
+    def _export(self, flow: Flow, now: float) -> FlowRecord:
+        record = flow.record.copy()
         for side, stats in (("SourceNode", flow.source), ("DestinationNode", flow.destination)):
-            for name, attribute in _SIDE_FIELDS[side]:
-                record[name] = getattr(stats, attribute) if stats is not None else 0
+            for side_field, attribute in _SIDE_FIELDS[side]:
+                record[side_field] = getattr(stats, attribute) if stats is not None else 0
         address, domain = flow.exporter
         record[
             "originalExporterIPv6Address" if ":" in address else "originalExporterIPv4Address"
         ] = address
         record["originalObservationDomainId"] = domain
         record["incomplete"] = flow.incomplete
-        for name in _THROUGHPUTS:
-            value = record[name]
+        for rate in _THROUGHPUTS:
+            value = record.get(rate, 0)
             if not 0 <= value <= MAX_UNSIGNED64:
-                record[name] = 0 if value < 0 else MAX_UNSIGNED64
-                self.stats.clamped[name] += 1
-        totals = tuple(record.get(name, 0) for name in _TOTALS)
-        for name, total, before in zip(_DELTAS, totals, flow.exported_totals, strict=True):
-            record[name] = max(0, total - before)
+                record[rate] = 0 if value < 0 else MAX_UNSIGNED64
+                self.stats.clamped[rate] += 1
+        totals = tuple(record.get(total, 0) for total in TOTALS)
+        for delta, total, before in zip(DELTAS, totals, flow.exported_totals, strict=True):
+            record[delta] = max(0, total - before)
         flow.exported_totals = tuple(map(max, totals, flow.exported_totals))
         # The next export reports what comes after this one.
         for stats in {id(s): s for s in (flow.source, flow.destination) if s is not None}.values():
             stats.exported()
         merged = flow.record
-        for name in _DELTAS:
-            merged[name] = 0
+        for delta in DELTAS:
+            merged[delta] = 0
         merged["throughput"] = merged["reverseThroughput"] = 0
         flow.updated = False
         flow.next_export = now + self.export_interval

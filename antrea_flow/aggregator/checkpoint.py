@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from ..ipfix.sequences import SequenceTracker
 from ..logutil import LogOnce
@@ -184,10 +185,11 @@ class Checkpointer:
 
     async def save(self, now: float) -> None:
         pending = self.store.pending()
-        states = [
-            ExporterState(key[0], key[1], expected, export_time, tuple(pending.get(key, ())))
-            for key, expected, export_time in self.tracker.state()
-        ]
+        states = []
+        for stream, expected, export_time in self.tracker.state():
+            address, domain = cast(tuple[str, int], stream)  # the collector's exporter key
+            held = tuple(pending.get((address, domain), ()))
+            states.append(ExporterState(address, domain, expected, export_time, held))
         progress = self._progress()
         started = time.perf_counter()
         try:

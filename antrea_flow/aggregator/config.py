@@ -7,6 +7,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from ..codes import AGGREGATOR_SERVICE_NAME
 from ..configfile import ConfigError, ConfigReader, shown
 from ..ipfix.address import AddressError, TransportAddress, is_ip, parse_address
 from ..ipfix.collecting import CollectorLimits
@@ -14,7 +15,6 @@ from ..ipfix.messages import TemplateLimits
 
 log = logging.getLogger(__name__)
 
-DEFAULT_AGGREGATOR_ADDRESS = "flow-aggregator.flow-aggregator.svc"
 # Keys of upstream's flow-aggregator.conf for features antrea-flow does not have.
 _UNSUPPORTED = ("mode", "clickHouse", "s3Uploader", "flowLogger", "flowStreamService", "apiServer")
 _IGNORED = ("recordContents", "clusterID", "recordBufferSize")
@@ -168,7 +168,7 @@ def load_aggregator_config(path: str | os.PathLike) -> AggregatorConfig:
     name = _host(
         reader,
         "flowAggregatorAddress",
-        reader.string("flowAggregatorAddress", DEFAULT_AGGREGATOR_ADDRESS, HOST_FORM),
+        reader.string("flowAggregatorAddress", AGGREGATOR_SERVICE_NAME, HOST_FORM),
     )
     listen_text = reader.string("listenAddress", ":4739", LISTEN_FORM)
     try:

@@ -9,11 +9,14 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal, NamedTuple, cast
 
 from prometheus_client import CollectorRegistry
 
+from ..codes import AGGREGATOR_SERVICE_NAME
 from ..errors import UsageError, cannot_listen
 from ..ipfix.address import is_ip
+from ..ipfix.antrea import FlowRecord
 from ..ipfix.collecting import LIMIT_REASONS, CollectingProcess, Peer, exporter_key
 from ..ipfix.messages import Message
 from ..ipfix.sequences import MODULO
@@ -29,14 +32,36 @@ from .sinks import IPFIXSink, JSONLinesSink
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SERVER_NAME = "flow-aggregator.flow-aggregator.svc"
 EXPORT_BATCH = 4096
+
+
+class _Side(NamedTuple):
+    """The elements of one end of a flow that `_complete` reads and fills."""
+
+    ipv4: Literal["sourceIPv4Address", "destinationIPv4Address"]
+    ipv6: Literal["sourceIPv6Address", "destinationIPv6Address"]
+    pod: Literal["sourcePodName", "destinationPodName"]
+    namespace: Literal["sourcePodNamespace", "destinationPodNamespace"]
+    node: Literal["sourceNodeName", "destinationNodeName"]
+    labels: Literal["sourcePodLabels", "destinationPodLabels"]
+
+
+_SIDES = (
+    _Side(
+        "sourceIPv4Address", "sourceIPv6Address", "sourcePodName", "sourcePodNamespace",
+        "sourceNodeName", "sourcePodLabels",
+    ),
+    _Side(
+        "destinationIPv4Address", "destinationIPv6Address", "destinationPodName",
+        "destinationPodNamespace", "destinationNodeName", "destinationPodLabels",
+    ),
+)  # fmt: skip
 
 
 def _certificate_names(config: AggregatorConfig) -> tuple[list[str], list[str]]:
     """DNS names and IPs the server certificate must carry: the configured address, the
     name agents check when they dial an IP (as Antrea's do), and local/listen addresses."""
-    names = [DEFAULT_SERVER_NAME, "localhost"]
+    names = [AGGREGATOR_SERVICE_NAME, "localhost"]
     addresses = ["127.0.0.1", "::1"]
     for value in (config.aggregator_address, config.listen.host):
         if not value:
@@ -126,7 +151,8 @@ class Aggregator:
         numbered = self.checkpoint is not None  # only a checkpoint needs what is pending
         for data_set in message.data_sets:
             sequence = data_set.first_sequence
-            for record in data_set.records:
+            # Decoded by the records' own template: FlowRecord's keys where ours, maybe more.
+            for record in cast(list[FlowRecord], data_set.records):
                 add(record, exporter, now, sequence if numbered else None)
                 sequence = (sequence + 1) % MODULO
 
@@ -139,23 +165,23 @@ class Aggregator:
                 sink.send(record)
         return len(records)
 
-    def _complete(self, record: dict) -> None:
+    def _complete(self, record: FlowRecord) -> None:
         """Fill each side's missing Pod, namespace and Node from the inventory (as upstream
         does from its Pod store) and add the Pods' labels."""
-        for side, address in (("source", "sourceIP"), ("destination", "destinationIP")):
-            ip = record.get(f"{address}v4Address") or record.get(f"{address}v6Address")
-            pod = self.metadata.pod(pack_ip(ip)) if ip else None
+        view = self.metadata.view
+        for side in _SIDES:
+            ip = record.get(side.ipv4) or record.get(side.ipv6)
+            pod = view.pod(pack_ip(ip)) if ip else None
             if pod is None:
                 continue
-            for name, value in (
-                ("PodName", pod.name),
-                ("PodNamespace", pod.namespace),
-                ("NodeName", pod.node_name),
-            ):
-                if value and not record.get(f"{side}{name}"):
-                    record[f"{side}{name}"] = value
+            if pod.name and not record.get(side.pod):
+                record[side.pod] = pod.name
+            if pod.namespace and not record.get(side.namespace):
+                record[side.namespace] = pod.namespace
+            if pod.node_name and not record.get(side.node):
+                record[side.node] = pod.node_name
             if pod.labels:
-                record[f"{side}PodLabels"] = json.dumps(pod.labels, sort_keys=True)
+                record[side.labels] = json.dumps(pod.labels, sort_keys=True)
 
     async def run(self, stop: asyncio.Event) -> None:
         self.metrics.bind(asyncio.get_running_loop())  # scrapes read the loop's state there

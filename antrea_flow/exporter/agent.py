@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Histogram
 
+from ..codes import AGGREGATOR_SERVICE_NAME, END_REASON_NAMES
 from ..configfile import ConfigError
 from ..conntrack import netns
 from ..conntrack.netlink import ConntrackDumper
@@ -38,9 +39,6 @@ from .enrich import Enricher
 from .records import flow_record
 
 log = logging.getLogger(__name__)
-
-DEFAULT_SERVER_NAME = "flow-aggregator.flow-aggregator.svc"
-_REASONS = {1: "idle_timeout", 2: "active_timeout", 3: "end_of_flow"}
 
 
 def observation_domain_id(node_name: str) -> int:
@@ -115,7 +113,7 @@ class Agent:
         if config.collector.protocol == "tls":
             ssl_context = _client_context(config)
             host = config.collector.host
-            server_name = DEFAULT_SERVER_NAME if is_ip(host) else host
+            server_name = AGGREGATOR_SERVICE_NAME if is_ip(host) else host
         self.exporter = ExportingProcess(
             config.collector,
             exporter_templates(),
@@ -305,8 +303,8 @@ class Agent:
             "antrea_agent_flow_records_exported_total",
             "Flow records produced from the connection store, by flowEndReason.",
             "reason",
-            {_REASONS[k]: v for k, v in store.exported.items()},
-            always=_REASONS.values(),
+            {END_REASON_NAMES[k]: v for k, v in store.exported.items()},
+            always=END_REASON_NAMES.values(),
         )
         yield counter(
             "antrea_agent_flow_records_sent_total",

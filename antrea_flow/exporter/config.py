@@ -10,14 +10,14 @@ import logging
 import os
 from dataclasses import dataclass
 
+from ..codes import AGGREGATOR_SERVICE_NAME, ANTREA_POD_ZONE
 from ..configfile import ConfigError, ConfigReader
 from ..durations import format_duration
 from ..ipfix.address import AddressError, TransportAddress, parse_address
 
 log = logging.getLogger(__name__)
 
-DEFAULT_COLLECTOR = "flow-aggregator.flow-aggregator.svc:4739:tls"
-ANTREA_POD_ZONE = 65520
+DEFAULT_COLLECTOR = f"{AGGREGATOR_SERVICE_NAME}:4739:tls"
 PROTOCOLS = ("tcp", "udp", "sctp")
 
 # Keys of Antrea's antrea-agent.conf that are not about flow export: accepted, not used.

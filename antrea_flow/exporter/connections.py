@@ -28,6 +28,7 @@ from __future__ import annotations
 import gc
 import heapq
 import itertools
+import operator
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -36,23 +37,26 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ..codes import END_ACTIVE, END_IDLE, END_OF_FLOW
 from ..conntrack.parser import IPS_DYING, TCP_CLOSE, TCP_TIME_WAIT, Dump, Entry
+from ..flowkey import FlowKey, make_key
 
-END_IDLE = 1
-END_ACTIVE = 2
-END_OF_FLOW = 3
 PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
 _CHUNK = 8192
 # Antrea's conntrack mark: bits 0-3 say where a committed connection came from; 0 in a
 # non-default zone means the connection was committed only to be denied (the deny path
 # reports those), so such entries are not flows.
 CONN_SOURCE_MASK = 0xF
+_NEW_FIELDS = operator.attrgetter(
+    "proto", "orig_src", "orig_sport", "reply_src", "reply_sport", "status", "orig_packets",
+    "orig_bytes", "reply_packets", "reply_bytes", "start_ns", "tcp_state",
+)  # fmt: skip
 
 
 @dataclass(slots=True, eq=False)
 class Connection:
     handle: int  # its key in the store: the conntrack id and more (see `handles`)
-    key: tuple  # (source, destination, protocol, source port, destination port), after DNAT
+    key: FlowKey[bytes]  # after DNAT: the reply's source is the destination
     meta: Any  # enrichment (Pods, the Service dialled, rules), computed once when first seen
     packets: int
     octets: int
@@ -360,16 +364,15 @@ class ConnectionStore:
 
     def _add(self, entry: Entry, meta: Any, expiry: _Expiry, fresh: list[Connection]) -> None:
         """A new connection; a live one joins `fresh`, the poll's shared heap entry."""
-        # Runs for every new connection: one tuple unpack instead of a dozen field lookups,
-        # positional arguments, expiry times shared by the whole poll.
-        (proto, orig_src, _, orig_sport, _, reply_src, _, reply_sport, _, _, status, _, _,
-         packets, octets, reverse_packets, reverse_octets, start_ns, stop_ns, tcp_state,
-         _) = entry  # fmt: skip
+        # Runs for every new connection: the fields read by name in one call, positional
+        # arguments, expiry times shared by the whole poll.
+        (proto, orig_src, orig_sport, reply_src, reply_sport, status, packets, octets,
+         reverse_packets, reverse_octets, start_ns, tcp_state) = _NEW_FIELDS(entry)  # fmt: skip
         now = expiry.now
         key = handle(entry)
         conn = Connection(
             key,
-            (orig_src, reply_src, proto, orig_sport, reply_sport),
+            make_key(FlowKey, (orig_src, reply_src, proto, orig_sport, reply_sport)),
             meta,
             packets,
             octets,

@@ -18,10 +18,12 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..codes import END_ACTIVE, END_OF_FLOW
 from ..conntrack.parser import Entry
+from ..flowkey import FlowKey
 from ..k8s.stores import PolicyRule
 from ..logutil import LogOnce
-from .connections import END_ACTIVE, END_OF_FLOW, Connection, Export
+from .connections import Connection, Export
 from .enrich import FlowMeta
 
 log = logging.getLogger(__name__)
@@ -36,8 +38,8 @@ class BadPacket(ValueError):
     pass
 
 
-def packet_key(packet: bytes) -> tuple[tuple, int]:
-    """((source, destination, protocol, source port, destination port), IP length)."""
+def packet_key(packet: bytes) -> tuple[FlowKey[bytes], int]:
+    """(the packet's 5-tuple, its IP length)."""
     if len(packet) < 20:
         raise BadPacket(f"{len(packet)} bytes is no IP packet")
     version = packet[0] >> 4
@@ -62,7 +64,7 @@ def packet_key(packet: bytes) -> tuple[tuple, int]:
         sport, dport = _PORTS.unpack_from(packet, header)
     elif proto in _ICMP and header + 2 <= len(packet):
         dport = packet[header] << 8 | packet[header + 1]
-    return (source, destination, proto, sport, dport), length
+    return FlowKey(source, destination, proto, sport, dport), length
 
 
 @dataclass(slots=True)
@@ -101,7 +103,7 @@ class DenyStore:
         self.record_rate = record_rate
         self.clock = clock
         self.stats = DenyStats()
-        self._connections: dict[tuple, Connection] = {}
+        self._connections: dict[FlowKey[bytes], Connection] = {}
         self._lock = threading.Lock()
         self._tokens = record_rate
         self._refilled = clock()
@@ -151,7 +153,7 @@ class DenyStore:
             self.stats.recorded += 1
             return True
 
-    def _new(self, key: tuple, mark: int, now: float) -> Connection | None:
+    def _new(self, key: FlowKey[bytes], mark: int, now: float) -> Connection | None:
         rule = self.rule(mark)
         if rule is None:
             self.stats.not_recorded["unknown_rule"] += 1
@@ -163,17 +165,23 @@ class DenyStore:
             )
             return None
         source, destination, proto, sport, dport = key
+        # The connection as conntrack would have it, had it been committed.
         entry = Entry(
-            proto, source, destination, sport, dport, destination, source, dport, sport,
-            0, 0, 0, b"", 0, 0, 0, 0, 0, 0, -1, 0,
+            proto=proto, orig_src=source, orig_dst=destination, orig_sport=sport,
+            orig_dport=dport, reply_src=destination, reply_dst=source, reply_sport=dport,
+            reply_dport=sport, zone=0, status=0, mark=0, labels=b"", orig_packets=0,
+            orig_bytes=0, reply_packets=0, reply_bytes=0, start_ns=0, stop_ns=0, tcp_state=-1,
+            id=0,
         )  # fmt: skip
         meta = self.enrich(entry)
         if meta is None:
             self.stats.not_recorded["no_local_pod"] += 1
             return None
-        meta = dataclasses.replace(
-            meta, **{f"{rule.direction}_rule": rule, "cluster_ip": "", "service_port": 0}
-        )
+        # The denying rule in its direction's place; no Service: the packet never got there.
+        if rule.direction == "ingress":
+            meta = dataclasses.replace(meta, ingress_rule=rule, cluster_ip="", service_port=0)
+        else:
+            meta = dataclasses.replace(meta, egress_rule=rule, cluster_ip="", service_port=0)
         conn = Connection(
             0,
             key,

@@ -3,19 +3,27 @@ flowType, computed once when the connection is first seen (as upstream does)."""
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, replace
 
+from ..codes import (
+    ACTION_ALLOW,
+    FLOW_TYPE_FROM_EXTERNAL,
+    FLOW_TYPE_INTER_NODE,
+    FLOW_TYPE_INTRA_NODE,
+    FLOW_TYPE_TO_EXTERNAL,
+)
 from ..conntrack.parser import Entry
-from ..k8s.stores import ACTION_ALLOW, MetadataStore, MetadataView, PodInfo, PolicyRule, unpack_ip
+from ..k8s.stores import MetadataStore, MetadataView, PodInfo, PolicyRule, unpack_ip
 
-FLOW_TYPE_INTRA_NODE = 1
-FLOW_TYPE_INTER_NODE = 2
-FLOW_TYPE_TO_EXTERNAL = 3
-FLOW_TYPE_FROM_EXTERNAL = 4
 # Antrea's conntrack mark bit for connections to a Service (set by its proxy).
 SERVICE_CT_MARK = 1 << 4
 # Connections between the same endpoints share their metadata; remember that many.
 _MEMO_SIZE = 1 << 16
+# What the metadata depends on, read by name in one call (it runs per new connection).
+_MEMO_FIELDS = operator.attrgetter(
+    "proto", "orig_src", "orig_dst", "orig_dport", "reply_src", "reply_sport", "mark", "labels"
+)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -108,8 +116,9 @@ class Enricher:
             self._refresh(view)
         # Everything below depends on the endpoints, the Service bit and rule labels, and
         # on the destination port only when a Service is involved.
-        (proto, orig_src, orig_dst, _, orig_dport, reply_src, _, reply_sport, _, _, _, mark,
-         labels) = entry[:13]  # fmt: skip
+        proto, orig_src, orig_dst, orig_dport, reply_src, reply_sport, mark, labels = _MEMO_FIELDS(
+            entry
+        )
         service_bit = mark & SERVICE_CT_MARK
         service = service_bit or orig_dst != reply_src or orig_dport != reply_sport
         memo_key = (
@@ -142,11 +151,11 @@ class Enricher:
             return None
         cluster_ip, service_port, port_name = "", 0, ""
         if service:
-            service = self._view.service(entry.orig_dst, entry.orig_dport, entry.proto)
-            if service is not None or entry.mark & SERVICE_CT_MARK:
+            known = self._view.service(entry.orig_dst, entry.orig_dport, entry.proto)
+            if known is not None or entry.mark & SERVICE_CT_MARK:
                 cluster_ip = unpack_ip(entry.orig_dst)
                 service_port = entry.orig_dport
-                port_name = service.port_name_full if service else ""
+                port_name = known.port_name_full if known else ""
         ingress = egress = None
         labels = entry.labels
         if len(labels) == 16 and any(labels):

@@ -2,46 +2,45 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from ..conntrack.parser import TCP_STATES
-from ..ipfix.antrea import EXPORTER_TEMPLATE_ID_IPV4, EXPORTER_TEMPLATE_ID_IPV6
-from ..k8s.stores import unpack_ip
+from ..ipfix.antrea import EXPORTER_TEMPLATE_ID_IPV4, EXPORTER_TEMPLATE_ID_IPV6, FlowRecord
+from ..k8s.stores import PolicyRule, unpack_ip
 from .connections import Export
 from .enrich import FlowMeta
 
 
-def _rule_fields(prefix: str, meta: FlowMeta, record: dict[str, Any]) -> None:
-    rule = meta.ingress_rule if prefix == "ingress" else meta.egress_rule
-    if rule is None:
-        return
-    record[f"{prefix}NetworkPolicyName"] = rule.policy_name
-    record[f"{prefix}NetworkPolicyNamespace"] = rule.policy_namespace
-    record[f"{prefix}NetworkPolicyType"] = rule.policy_type
-    record[f"{prefix}NetworkPolicyRuleName"] = rule.rule_name
-    record[f"{prefix}NetworkPolicyRuleAction"] = rule.action
+def _ingress(rule: PolicyRule, record: FlowRecord) -> None:
+    record["ingressNetworkPolicyName"] = rule.policy_name
+    record["ingressNetworkPolicyNamespace"] = rule.policy_namespace
+    record["ingressNetworkPolicyType"] = rule.policy_type
+    record["ingressNetworkPolicyRuleName"] = rule.rule_name
+    record["ingressNetworkPolicyRuleAction"] = rule.action
 
 
-def flow_record(export: Export, node_name: str) -> tuple[int, dict[str, Any]]:
+def _egress(rule: PolicyRule, record: FlowRecord) -> None:
+    record["egressNetworkPolicyName"] = rule.policy_name
+    record["egressNetworkPolicyNamespace"] = rule.policy_namespace
+    record["egressNetworkPolicyType"] = rule.policy_type
+    record["egressNetworkPolicyRuleName"] = rule.rule_name
+    record["egressNetworkPolicyRuleAction"] = rule.action
+
+
+def flow_record(export: Export, node_name: str) -> tuple[int, FlowRecord]:
     """(template id, record) for one export of a connection."""
     conn = export.connection
     meta: FlowMeta = conn.meta
-    source, destination, protocol, source_port, destination_port = conn.key
-    ipv6 = len(source) == 16
-    family = "IPv6" if ipv6 else "IPv4"
-    record: dict[str, Any] = {
+    key = conn.key
+    record: FlowRecord = {
         "flowStartSeconds": int(conn.start_time),
         "flowEndSeconds": int(export.end_time),
         "flowEndReason": export.reason,
-        "sourceTransportPort": source_port,
-        "destinationTransportPort": destination_port,
-        "protocolIdentifier": protocol,
+        "sourceTransportPort": key.source_port,
+        "destinationTransportPort": key.destination_port,
+        "protocolIdentifier": key.protocol,
         "packetTotalCount": export.packets,
         "octetTotalCount": export.octets,
         "packetDeltaCount": export.packet_delta,
         "octetDeltaCount": export.octet_delta,
-        f"source{family}Address": unpack_ip(source),
-        f"destination{family}Address": unpack_ip(destination),
         "reversePacketTotalCount": export.reverse_packets,
         "reverseOctetTotalCount": export.reverse_octets,
         "reversePacketDeltaCount": export.reverse_packet_delta,
@@ -49,6 +48,12 @@ def flow_record(export: Export, node_name: str) -> tuple[int, dict[str, Any]]:
         "tcpState": TCP_STATES[conn.tcp_state] if conn.tcp_state >= 0 else "",
         "flowType": meta.flow_type,
     }
+    source, destination = unpack_ip(key.source), unpack_ip(key.destination)
+    ipv6 = len(key.source) == 16
+    if ipv6:
+        record["sourceIPv6Address"], record["destinationIPv6Address"] = source, destination
+    else:
+        record["sourceIPv4Address"], record["destinationIPv4Address"] = source, destination
     if meta.source_pod is not None:
         record["sourcePodName"] = meta.source_pod.name
         record["sourcePodNamespace"] = meta.source_pod.namespace
@@ -58,10 +63,15 @@ def flow_record(export: Export, node_name: str) -> tuple[int, dict[str, Any]]:
         record["destinationPodNamespace"] = meta.destination_pod.namespace
         record["destinationNodeName"] = node_name
     if meta.cluster_ip:
-        record[f"destinationCluster{family}"] = meta.cluster_ip
+        if ipv6:
+            record["destinationClusterIPv6"] = meta.cluster_ip
+        else:
+            record["destinationClusterIPv4"] = meta.cluster_ip
         record["destinationServicePort"] = meta.service_port
         record["destinationServicePortName"] = meta.service_port_name
-    _rule_fields("ingress", meta, record)
-    _rule_fields("egress", meta, record)
+    if meta.ingress_rule is not None:
+        _ingress(meta.ingress_rule, record)
+    if meta.egress_rule is not None:
+        _egress(meta.egress_rule, record)
     template_id = EXPORTER_TEMPLATE_ID_IPV6 if ipv6 else EXPORTER_TEMPLATE_ID_IPV4
     return template_id, record

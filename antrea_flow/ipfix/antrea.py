@@ -1,14 +1,143 @@
-"""The templates of Antrea's flow exporter (node agent), as upstream lays them out."""
+"""The templates of Antrea's flow exporter and flow aggregator, as upstream lays them out,
+and `FlowRecord`: the fields our code writes into their records.
+
+`FlowRecord` is a TypedDict, so a misspelled element name written as a literal key is a
+type error (`make lint` runs mypy); the names that code loops over are tuples of Literal
+names, checked the same way. A test holds it equal to the templates' elements and types.
+"""
 
 from __future__ import annotations
 
+from typing import Literal, TypedDict
+
 from .templates import Template
+
+
+class FlowRecord(TypedDict, total=False):
+    """An agent's or the aggregator's flow record: IE names to values (ints, strs; IP
+    addresses as strs). Decoded records may carry more elements (a peer's template)."""
+
+    flowStartSeconds: int
+    flowEndSeconds: int
+    flowEndReason: int
+    sourceTransportPort: int
+    destinationTransportPort: int
+    protocolIdentifier: int
+    packetTotalCount: int
+    octetTotalCount: int
+    packetDeltaCount: int
+    octetDeltaCount: int
+    sourceIPv4Address: str
+    destinationIPv4Address: str
+    sourceIPv6Address: str
+    destinationIPv6Address: str
+    reversePacketTotalCount: int
+    reverseOctetTotalCount: int
+    reversePacketDeltaCount: int
+    reverseOctetDeltaCount: int
+    sourcePodName: str
+    sourcePodNamespace: str
+    sourceNodeName: str
+    destinationPodName: str
+    destinationPodNamespace: str
+    destinationNodeName: str
+    destinationServicePort: int
+    destinationServicePortName: str
+    ingressNetworkPolicyName: str
+    ingressNetworkPolicyNamespace: str
+    ingressNetworkPolicyType: int
+    ingressNetworkPolicyRuleName: str
+    ingressNetworkPolicyRuleAction: int
+    egressNetworkPolicyName: str
+    egressNetworkPolicyNamespace: str
+    egressNetworkPolicyType: int
+    egressNetworkPolicyRuleName: str
+    egressNetworkPolicyRuleAction: int
+    tcpState: str
+    flowType: int
+    destinationClusterIPv4: str
+    destinationClusterIPv6: str
+    # The aggregator's: each Node's counters, end times and throughputs, Pod labels and
+    # the provenance of the latest record.
+    octetDeltaCountFromSourceNode: int
+    octetDeltaCountFromDestinationNode: int
+    octetTotalCountFromSourceNode: int
+    octetTotalCountFromDestinationNode: int
+    packetDeltaCountFromSourceNode: int
+    packetDeltaCountFromDestinationNode: int
+    packetTotalCountFromSourceNode: int
+    packetTotalCountFromDestinationNode: int
+    reverseOctetDeltaCountFromSourceNode: int
+    reverseOctetDeltaCountFromDestinationNode: int
+    reverseOctetTotalCountFromSourceNode: int
+    reverseOctetTotalCountFromDestinationNode: int
+    reversePacketDeltaCountFromSourceNode: int
+    reversePacketDeltaCountFromDestinationNode: int
+    reversePacketTotalCountFromSourceNode: int
+    reversePacketTotalCountFromDestinationNode: int
+    flowEndSecondsFromSourceNode: int
+    flowEndSecondsFromDestinationNode: int
+    throughput: int
+    throughputFromSourceNode: int
+    throughputFromDestinationNode: int
+    reverseThroughput: int
+    reverseThroughputFromSourceNode: int
+    reverseThroughputFromDestinationNode: int
+    sourcePodLabels: str
+    destinationPodLabels: str
+    originalExporterIPv4Address: str
+    originalExporterIPv6Address: str
+    originalObservationDomainId: int
+    # Ours, in the JSON log only: a half exported without its peer.
+    incomplete: bool
+
+
+RECORD_ANNOTATIONS = ("incomplete",)  # FlowRecord fields that are no element
+
+TotalName = Literal[
+    "packetTotalCount", "octetTotalCount", "reversePacketTotalCount", "reverseOctetTotalCount"
+]
+DeltaName = Literal[
+    "packetDeltaCount", "octetDeltaCount", "reversePacketDeltaCount", "reverseOctetDeltaCount"
+]
+TOTALS: tuple[TotalName, ...] = (
+    "packetTotalCount",
+    "octetTotalCount",
+    "reversePacketTotalCount",
+    "reverseOctetTotalCount",
+)
+DELTAS: tuple[DeltaName, ...] = (
+    "packetDeltaCount",
+    "octetDeltaCount",
+    "reversePacketDeltaCount",
+    "reverseOctetDeltaCount",
+)
 
 EXPORTER_TEMPLATE_ID_IPV4 = 256
 EXPORTER_TEMPLATE_ID_IPV6 = 257
 
+ContextName = Literal[
+    "sourcePodName",
+    "sourcePodNamespace",
+    "sourceNodeName",
+    "destinationPodName",
+    "destinationPodNamespace",
+    "destinationNodeName",
+    "destinationServicePort",
+    "destinationServicePortName",
+    "ingressNetworkPolicyName",
+    "ingressNetworkPolicyNamespace",
+    "ingressNetworkPolicyType",
+    "ingressNetworkPolicyRuleName",
+    "ingressNetworkPolicyRuleAction",
+    "egressNetworkPolicyName",
+    "egressNetworkPolicyNamespace",
+    "egressNetworkPolicyType",
+    "egressNetworkPolicyRuleName",
+    "egressNetworkPolicyRuleAction",
+]
 # The Pod, Service and NetworkPolicy context an agent adds to a connection's 5-tuple.
-KUBERNETES_CONTEXT_ELEMENTS = (
+KUBERNETES_CONTEXT_ELEMENTS: tuple[ContextName, ...] = (
     "sourcePodName",
     "sourcePodNamespace",
     "sourceNodeName",

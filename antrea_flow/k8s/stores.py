@@ -16,18 +16,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..codes import (
+    ACTION_ALLOW,
+    ACTION_DROP,
+    ACTION_NONE,
+    ACTION_REJECT,
+    POLICY_TYPE_ACNP,
+    POLICY_TYPE_ANP,
+    POLICY_TYPE_K8S,
+)
 from ..ipfix.address import is_ip
 
 log = logging.getLogger(__name__)
 
-# Policy types and rule actions as Antrea's IPFIX elements encode them.
-POLICY_TYPE_K8S = 1
-POLICY_TYPE_ANP = 2
-POLICY_TYPE_ACNP = 3
-ACTION_NONE = 0  # Antrea's Pass (and anything else): no action of this rule's own
-ACTION_ALLOW = 1
-ACTION_DROP = 2
-ACTION_REJECT = 3
 ACTIONS = {"allow": ACTION_ALLOW, "drop": ACTION_DROP, "reject": ACTION_REJECT, "pass": ACTION_NONE}
 PROTOCOL_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132}
 

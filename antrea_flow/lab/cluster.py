@@ -21,9 +21,10 @@ from typing import Any
 
 import yaml
 
+from ..codes import POLICY_TYPE_K8S
 from ..errors import UsageError
 from ..k8s.inventory import read_inventory
-from ..k8s.stores import NETWORK_POLICY_KINDS, POLICY_TYPE_K8S, RULE_IDS_ANNOTATION
+from ..k8s.stores import NETWORK_POLICY_KINDS, RULE_IDS_ANNOTATION
 
 UNDERLAY_V4 = ipaddress.ip_network("192.168.77.0/24")
 UNDERLAY_V6 = ipaddress.ip_network("fd00:77::/64")

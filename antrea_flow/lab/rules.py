@@ -28,6 +28,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
+from ..codes import ANTREA_POD_ZONE
 from .cluster import (
     ISOLATION_EGRESS_ID,
     ISOLATION_INGRESS_ID,
@@ -38,7 +39,6 @@ from .cluster import (
     rule_id,
 )
 
-POD_ZONE = 65520
 MARK_FROM_UPLINK = 0x1
 MARK_FROM_POD = 0x2
 MARK_SERVICE = 0x10
@@ -230,12 +230,12 @@ class NodeRules:
 
     def raw(self) -> list[str]:
         f = self.family
-        lines = [f"-A PREROUTING -i antrea-gw0 -j CT --zone {POD_ZONE}"]
+        lines = [f"-A PREROUTING -i antrea-gw0 -j CT --zone {ANTREA_POD_ZONE}"]
         cidr = self.node.cidr(f.version)
         if cidr is not None:
-            lines.append(f"-A PREROUTING -i eth0 -d {cidr} -j CT --zone {POD_ZONE}")
+            lines.append(f"-A PREROUTING -i eth0 -d {cidr} -j CT --zone {ANTREA_POD_ZONE}")
         snat = f.host(self.node.address(f.version, 100))
-        lines.append(f"-A PREROUTING -i eth0 -d {snat} -j CT --zone {POD_ZONE}")
+        lines.append(f"-A PREROUTING -i eth0 -d {snat} -j CT --zone {ANTREA_POD_ZONE}")
         return self._table("raw", ["PREROUTING", "OUTPUT"], lines)
 
     def mangle(self) -> list[str]:

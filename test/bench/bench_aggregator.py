@@ -52,7 +52,8 @@ from benchkit import GOAL_INTAKE, INTAKE_TIMEOUT, fmt_rate, maybe_round, rate, v
 
 from antrea_flow.aggregator.aggregation import AggregationStore
 from antrea_flow.aggregator.config import AggregatorConfig
-from antrea_flow.aggregator.service import DEFAULT_SERVER_NAME, Aggregator
+from antrea_flow.aggregator.service import Aggregator
+from antrea_flow.codes import AGGREGATOR_SERVICE_NAME
 from antrea_flow.ipfix import antrea
 from antrea_flow.ipfix.address import TransportAddress
 from antrea_flow.ipfix.collecting import Peer
@@ -235,7 +236,7 @@ def fmt_gc(g: dict[str, Any]) -> str:
 def aggregator_config(cert_dir: str, json_log: str = "", tls: bool = True) -> AggregatorConfig:
     return AggregatorConfig(
         listen=TransportAddress("127.0.0.1", 0, "tls" if tls else "tcp"),
-        aggregator_address=DEFAULT_SERVER_NAME,
+        aggregator_address=AGGREGATOR_SERVICE_NAME,
         external_collector=None,
         export_interval=LONG_TIMEOUT,
         inactive_timeout=LONG_TIMEOUT,
@@ -256,7 +257,7 @@ async def _run_exporters_child(args: argparse.Namespace) -> None:
     values = [exporter_values(e, args.per_exporter) for e in range(args.exporters)]
     # What agents get from the flow-aggregator-ca ConfigMap and client Secret.
     exporters = benchkit.make_exporters(
-        args.port, Path(args.cert_dir), args.exporters, server_hostname=DEFAULT_SERVER_NAME
+        args.port, Path(args.cert_dir), args.exporters, server_hostname=AGGREGATOR_SERVICE_NAME
     )
 
     async def send(exporters: list[ExportingProcess]) -> None:

@@ -18,14 +18,10 @@ from agentkit import (
 )
 from agentkit import counted_entry as entry
 
+from antrea_flow.codes import END_ACTIVE, END_IDLE, END_OF_FLOW, FLOW_TYPE_TO_EXTERNAL
 from antrea_flow.conntrack.parser import IPS_DYING, TCP_STATES
-from antrea_flow.exporter.connections import (
-    END_ACTIVE,
-    END_IDLE,
-    END_OF_FLOW,
-    ConnectionStore,
-)
-from antrea_flow.exporter.enrich import FLOW_TYPE_TO_EXTERNAL, Enricher
+from antrea_flow.exporter.connections import ConnectionStore
+from antrea_flow.exporter.enrich import Enricher
 
 CLOSE = TCP_STATES.index("CLOSE")
 FIN_WAIT = TCP_STATES.index("FIN_WAIT")

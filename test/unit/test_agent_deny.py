@@ -9,9 +9,9 @@ import threading
 import pytest
 from agentkit import ip, metadata_store
 
-from antrea_flow.exporter.connections import END_ACTIVE, END_OF_FLOW
+from antrea_flow.codes import END_ACTIVE, END_OF_FLOW, FLOW_TYPE_INTER_NODE, FLOW_TYPE_INTRA_NODE
 from antrea_flow.exporter.deny import BadPacket, DenyStore, packet_key
-from antrea_flow.exporter.enrich import FLOW_TYPE_INTER_NODE, FLOW_TYPE_INTRA_NODE, Enricher
+from antrea_flow.exporter.enrich import Enricher
 from antrea_flow.exporter.records import flow_record
 from antrea_flow.ipfix.antrea import EXPORTER_TEMPLATE_ID_IPV4, EXPORTER_TEMPLATE_ID_IPV6
 from antrea_flow.lab.cluster import ISOLATION_INGRESS_ID, build_cluster, default_objects

@@ -7,13 +7,13 @@ from functools import partial
 import pytest
 from agentkit import conntrack_entry, labels, metadata_store, node, pod
 
-from antrea_flow.exporter.enrich import (
+from antrea_flow.codes import (
     FLOW_TYPE_FROM_EXTERNAL,
     FLOW_TYPE_INTER_NODE,
     FLOW_TYPE_INTRA_NODE,
     FLOW_TYPE_TO_EXTERNAL,
-    Enricher,
 )
+from antrea_flow.exporter.enrich import Enricher
 from antrea_flow.k8s.stores import RULE_IDS_ANNOTATION
 
 OBJECTS = [

@@ -20,18 +20,13 @@ from agentkit import (
     poll,
 )
 
+from antrea_flow.codes import END_ACTIVE, END_IDLE, END_OF_FLOW
 from antrea_flow.conntrack.parser import IPS_DYING, TCP_STATES
 from antrea_flow.exporter.agent import observation_domain_id
-from antrea_flow.exporter.connections import (
-    END_ACTIVE,
-    END_IDLE,
-    END_OF_FLOW,
-    Connection,
-    ConnectionStore,
-    Export,
-)
+from antrea_flow.exporter.connections import Connection, ConnectionStore, Export
 from antrea_flow.exporter.enrich import Enricher, FlowMeta
 from antrea_flow.exporter.records import flow_record
+from antrea_flow.flowkey import FlowKey
 from antrea_flow.ipfix.antrea import (
     EXPORTER_TEMPLATE_ID_IPV4,
     EXPORTER_TEMPLATE_ID_IPV6,
@@ -319,7 +314,7 @@ def test_large_counters_survive_the_round_trip(store):
 def direct_export(meta, *, tcp_state=ESTABLISHED, key=None, reason=END_ACTIVE):
     conn = Connection(
         7,
-        key or (ip("10.10.1.5"), ip("10.10.1.6"), 6, 40000, 8080),
+        key or FlowKey(ip("10.10.1.5"), ip("10.10.1.6"), 6, 40000, 8080),
         meta,
         100,
         10_000,

@@ -7,12 +7,9 @@ import textwrap
 
 import pytest
 
-from antrea_flow.aggregator.config import (
-    DEFAULT_AGGREGATOR_ADDRESS,
-    AggregatorConfig,
-    load_aggregator_config,
-)
+from antrea_flow.aggregator.config import AggregatorConfig, load_aggregator_config
 from antrea_flow.aggregator.service import Aggregator
+from antrea_flow.codes import AGGREGATOR_SERVICE_NAME
 from antrea_flow.configfile import ConfigError
 from antrea_flow.errors import UsageError
 from antrea_flow.ipfix.address import TransportAddress
@@ -43,8 +40,8 @@ def test_defaults_of_an_empty_file(load):
     assert config.export_interval == 60.0
     assert config.listen == TransportAddress("", 4739, "tls")
     assert config.tls is True
-    assert config.aggregator_address == DEFAULT_AGGREGATOR_ADDRESS
-    assert DEFAULT_AGGREGATOR_ADDRESS == "flow-aggregator.flow-aggregator.svc"
+    assert config.aggregator_address == AGGREGATOR_SERVICE_NAME
+    assert AGGREGATOR_SERVICE_NAME == "flow-aggregator.flow-aggregator.svc"
     assert config.inactive_timeout == 90.0
     assert config.correlation_timeout == 60.0
     assert config.cert_dir  # somewhere to keep the certificates

@@ -4,13 +4,9 @@ import pytest
 from agentkit import ACTIVE, ESTABLISHED, IDLE, TIME_WAIT, ZONE, ct_id, deltas, ip
 from agentkit import counted_entry as entry
 
+from antrea_flow.codes import END_ACTIVE, END_IDLE, END_OF_FLOW
 from antrea_flow.conntrack.parser import IPS_DYING, TCP_STATES, Dump
-from antrea_flow.exporter.connections import (
-    END_ACTIVE,
-    END_IDLE,
-    END_OF_FLOW,
-    ConnectionStore,
-)
+from antrea_flow.exporter.connections import ConnectionStore
 
 
 def make_store(**kwargs):

@@ -8,17 +8,8 @@ import json
 import pytest
 import yaml
 
-from antrea_flow.k8s.stores import (
-    ACTION_ALLOW,
-    ACTION_DROP,
-    ACTION_NONE,
-    ACTION_REJECT,
-    RULE_IDS_ANNOTATION,
-    MetadataStore,
-    PodInfo,
-    PolicyRule,
-    pack_ip,
-)
+from antrea_flow.codes import ACTION_ALLOW, ACTION_DROP, ACTION_NONE, ACTION_REJECT
+from antrea_flow.k8s.stores import RULE_IDS_ANNOTATION, MetadataStore, PodInfo, PolicyRule, pack_ip
 from antrea_flow.lab.cluster import (
     ISOLATION_EGRESS_ID,
     ISOLATION_INGRESS_ID,
