@@ -12,6 +12,7 @@ import yaml
 from .durations import ACCEPTED_FORM as DURATION_FORM
 from .durations import format_duration, parse_duration
 from .errors import UsageError
+from .ipfix.address import AddressError, TransportAddress, parse_address
 
 
 class ConfigError(UsageError):
@@ -68,7 +69,8 @@ class ConfigReader:
         self.source = source
         self.values = values
         self.prefix = prefix
-        self.used: set[str] = set()
+        self.used: set[str] = set()  # keys read
+        self.ignored: set[str] = set()  # keys accepted without being read
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> ConfigReader:
@@ -155,6 +157,41 @@ class ConfigReader:
             out.append(item.lower())
         return out
 
+    def optional_integer(self, key: str, low: int, high: int) -> int | None:
+        """An integer in low..high, or None when the key is absent (or null)."""
+        present, _ = self._raw(key)
+        return self.integer(key, low, low, high) if present else None
+
+    def address(self, key: str, text: str, **kwargs: Any) -> TransportAddress:
+        """`text` (this key's value) as a transport address; the error names the key."""
+        try:
+            return parse_address(text, **kwargs)
+        except AddressError as exc:
+            raise ConfigError(f"{self.source}: {self.prefix}{key}: {exc}") from None
+
+    def bind_address(self, key: str, default: str) -> TransportAddress | None:
+        """A `[HOST]:PORT` to listen on over TCP (the metrics endpoints); None when empty."""
+        text = self.string(key, default, "[HOST]:PORT or an empty string")
+        if not text:
+            return None
+        return self.address(
+            key, text, default_protocol="tcp", protocols=("tcp",), port_required=True, listen=True
+        )
+
+    def raw(self, key: str) -> Any:
+        """The value as the file has it (None when absent), for checks no typed reader makes."""
+        return self._raw(key)[1]
+
+    def ignore(self, keys: Iterable[str]) -> list[str]:
+        """Accept `keys` without reading them (keys of Antrea's that antrea-flow does not
+        use); the ones present."""
+        present = []
+        for key in keys:
+            self.ignored.add(key)
+            if self.values.get(key) is not None:
+                present.append(key)
+        return present
+
     def section(self, key: str) -> ConfigReader | None:
         present, value = self._raw(key)
         if not present:
@@ -163,21 +200,16 @@ class ConfigReader:
             raise self.error(key, value, "is not a mapping", "a mapping of keys")
         return ConfigReader(self.source, value, f"{self.prefix}{key}.")
 
-    def reject_unknown(self, ignored: Iterable[str] = ()) -> list[str]:
-        """Raise for keys neither read nor in `ignored`; the ignored keys that are present."""
-        ignore = set(ignored)
-        present_ignored = []
+    def reject_unknown(self) -> None:
+        """Raise for the first key no reader method looked at (read or `ignore`d)."""
         for key in self.values:
-            if key in self.used:
+            if key in self.used or key in self.ignored:
                 continue
-            if key in ignore:
-                present_ignored.append(key)
-                continue
-            close = difflib.get_close_matches(str(key), sorted(self.used), n=1)
+            known = sorted(self.used | self.ignored)
+            close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {self.prefix}{close[0]}?)" if close else ""
             raise ConfigError(
                 f"{self.source}: unknown config key {self.prefix}{cut(str(key))}: "
                 f"{shown(self.values[key])}{hint}; "
                 f"expected one of {', '.join(sorted(self.used))}"
             )
-        return present_ignored

@@ -49,13 +49,6 @@ class AggregatorConfig:
         return self.listen.protocol == "tls"
 
 
-def _address(reader: ConfigReader, key: str, text: str, **kwargs) -> TransportAddress:
-    try:
-        return parse_address(text, **kwargs)
-    except AddressError as exc:
-        raise ConfigError(f"{reader.source}: {reader.prefix}{key}: {exc}") from None
-
-
 def _host(reader: ConfigReader, key: str, text: str) -> str:
     """A DNS name or an IP address; IPv6 without brackets, as the certificate needs it."""
     bracketed = text.startswith("[") and text.endswith("]")
@@ -78,7 +71,7 @@ def _message_size(section: ConfigReader) -> int | None:
             return None
         if size >= 512:
             return size
-    raise section.error(key, section.values[key], "is not allowed", MESSAGE_SIZE_FORM)
+    raise section.error(key, section.raw(key), "is not allowed", MESSAGE_SIZE_FORM)
 
 
 def _collector_limits(section: ConfigReader | None) -> CollectorLimits:
@@ -126,13 +119,15 @@ def load_aggregator_config(path: str | os.PathLike) -> AggregatorConfig:
         address = section.string("address", "", "<IP>:<port>[:<proto>]")
         enabled = section.boolean("enable", False)  # upstream's default
         collector_text = (address or collector_text) if enabled else ""
-        tls = section.values.get("tls")
-        if isinstance(tls, dict) and tls.get("enable"):
-            raise section.error(
-                "tls", tls, "is not supported by antrea-flow", "tls.enable: false or no tls"
-            )
-        record_format = section.values.get("recordFormat")
-        if record_format is not None and str(record_format).upper() != "IPFIX":
+        tls = section.section("tls")
+        if tls is not None:
+            if tls.boolean("enable", False):
+                raise tls.error("enable", True, "is not supported by antrea-flow", "false")
+            # The certificates of a TLS export antrea-flow does not make.
+            tls.ignore(("caSecretName", "serverName", "clientSecretName", "minVersion"))
+            tls.reject_unknown()
+        record_format = section.string("recordFormat", "IPFIX", "IPFIX")
+        if record_format.upper() != "IPFIX":
             raise section.error("recordFormat", record_format, "is not supported", "IPFIX")
         # Our records always carry the names and never the UIDs: other values cannot be met.
         if not section.boolean("includeK8sNames", True):
@@ -142,11 +137,10 @@ def load_aggregator_config(path: str | os.PathLike) -> AggregatorConfig:
         message_size = _message_size(section)
         domain_id = section.integer("observationDomainID", domain_id, 0, 0xFFFFFFFF)
         refresh = section.duration("templateRefreshTimeout", refresh, minimum=1.0)
-        section.reject_unknown(("recordFormat", "tls"))
+        section.reject_unknown()
     collector = None
     if collector_text:
-        collector = _address(
-            reader,
+        collector = reader.address(
             "externalFlowCollectorAddr",
             collector_text,
             default_protocol="tcp",
@@ -154,7 +148,7 @@ def load_aggregator_config(path: str | os.PathLike) -> AggregatorConfig:
             port_required=True,
         )
     interval = reader.duration("flowExportInterval", 60.0, minimum=1.0)
-    old, new = reader.values.get("flowExportInterval"), reader.values.get("activeFlowRecordTimeout")
+    old, new = reader.raw("flowExportInterval"), reader.raw("activeFlowRecordTimeout")
     if old is not None and new is not None:
         raise ConfigError(
             f"{reader.source}: flowExportInterval: {shown(old)} and activeFlowRecordTimeout: "
@@ -188,25 +182,12 @@ def load_aggregator_config(path: str | os.PathLike) -> AggregatorConfig:
         "stateDir", cert_dir, "a directory for the checkpoint (empty: no checkpoint)"
     )
     inventory = reader.string("inventoryFile", "", "a path to a Kubernetes List YAML file")
-    metrics_text = reader.string("metricsBindAddress", ":10348", "[HOST]:PORT or empty")
-    metrics = (
-        _address(
-            reader,
-            "metricsBindAddress",
-            metrics_text,
-            default_protocol="tcp",
-            protocols=("tcp",),
-            port_required=True,
-            listen=True,
-        )
-        if metrics_text
-        else None
-    )
+    metrics = reader.bind_address("metricsBindAddress", ":10348")
     limits = _collector_limits(reader.section("collectorLimits"))
-    present = reader.reject_unknown(_UNSUPPORTED + _IGNORED)
-    for key in present:
-        if key in _UNSUPPORTED:
-            log.warning("%s: %s is not supported by antrea-flow and is ignored", reader.source, key)
+    for key in reader.ignore(_UNSUPPORTED):
+        log.warning("%s: %s is not supported by antrea-flow and is ignored", reader.source, key)
+    reader.ignore(_IGNORED)
+    reader.reject_unknown()
     return AggregatorConfig(
         listen=listen,
         aggregator_address=name,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..codes import AGGREGATOR_SERVICE_NAME, ANTREA_POD_ZONE
 from ..configfile import ConfigError, ConfigReader
 from ..durations import format_duration
-from ..ipfix.address import AddressError, TransportAddress, parse_address
+from ..ipfix.address import TransportAddress
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +94,14 @@ class AgentConfig:
         return (os.path.join(d, "ca.crt"), os.path.join(d, "tls.crt"), os.path.join(d, "tls.key"))
 
 
-def _address(reader: ConfigReader, key: str, default: str, **kwargs) -> TransportAddress:
-    text = reader.string(key, default, "<HOST>:[<PORT>][:<PROTO>]")
-    # Newer Antrea names the Service as <namespace>/<name>: its cluster DNS name.
+def _service_dns_name(text: str) -> str:
+    """Newer Antrea names the collector's Service as <namespace>/<name>[:...]: its cluster
+    DNS name, <name>.<namespace>.svc."""
     namespace, slash, rest = text.partition("/")
     if slash and namespace and ":" not in namespace and not namespace.startswith("["):
         name, colon, tail = rest.partition(":")
-        text = f"{name}.{namespace}.svc{colon}{tail}"
-    try:
-        return parse_address(text, **kwargs)
-    except AddressError as exc:
-        raise ConfigError(f"{reader.source}: {reader.prefix}{key}: {exc}") from None
+        return f"{name}.{namespace}.svc{colon}{tail}"
+    return text
 
 
 def load_agent_config(path: str | os.PathLike) -> AgentConfig:
@@ -117,7 +114,12 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
         enabled = section.boolean("enable", enabled)
     flow = section or reader
 
-    collector = _address(flow, "flowCollectorAddr", DEFAULT_COLLECTOR, default_protocol="tls")
+    collector_text = flow.string(
+        "flowCollectorAddr", DEFAULT_COLLECTOR, "<HOST>:[<PORT>][:<PROTO>]"
+    )
+    collector = flow.address(
+        "flowCollectorAddr", _service_dns_name(collector_text), default_protocol="tls"
+    )
     poll = flow.duration("flowPollInterval", 5.0, minimum=1.0)
     active = flow.duration("activeFlowExportTimeout", 60.0, minimum=1e-9)
     idle = flow.duration("idleFlowExportTimeout", 15.0, minimum=1e-9)
@@ -144,26 +146,15 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
     zone = reader.integer("conntrackZone", ANTREA_POD_ZONE, 0, 65535)
     inventory = reader.string("inventoryFile", "", "a path to a Kubernetes List YAML file")
     cert_dir = reader.string("tlsCertDir", "", "a directory holding ca.crt, tls.crt, tls.key")
-    metrics_text = reader.string("metricsBindAddress", ":10351", "[HOST]:PORT or an empty string")
-    metrics = None
-    if metrics_text:
-        try:
-            metrics = parse_address(
-                metrics_text,
-                default_protocol="tcp",
-                protocols=("tcp",),
-                port_required=True,
-                listen=True,
-            )
-        except AddressError as exc:
-            raise ConfigError(f"{reader.source}: metricsBindAddress: {exc}") from None
+    metrics = reader.bind_address("metricsBindAddress", ":10351")
     protocols = reader.string_list("protocolFilter", None, PROTOCOLS)
-    deny_queue = reader.integer("denyQueue", -1, 0, 65535)
+    deny_queue = reader.optional_integer("denyQueue", 0, 65535)
     deny_rate = reader.integer("denyRecordRate", 5000, 1, 10_000_000)
     replay_window = reader.duration("exportReplayWindow", 90.0, minimum=0.0)
-    ignored = reader.reject_unknown(_ANTREA_AGENT_KEYS)
+    ignored = reader.ignore(_ANTREA_AGENT_KEYS)
     if ignored:
         log.debug("antrea-agent.conf keys not used by antrea-flow: %s", ", ".join(ignored))
+    reader.reject_unknown()
 
     if enabled and collector.protocol == "tls" and not cert_dir:
         raise ConfigError(
@@ -181,7 +172,7 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
         tls_cert_dir=cert_dir,
         metrics_address=metrics,
         protocol_filter=tuple(protocols) if protocols is not None else None,
-        deny_queue=None if deny_queue < 0 else deny_queue,
+        deny_queue=deny_queue,
         deny_record_rate=float(deny_rate),
         replay_window=replay_window,
     )

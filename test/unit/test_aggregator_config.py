@@ -463,3 +463,15 @@ def test_state_dir_defaults_to_cert_dir_and_empty_keeps_no_checkpoint(load, tmp_
     config = load(f"stateDir: {tmp_path}/file\naggregatorTransportProtocol: tcp\n")
     with pytest.raises(UsageError, match="stateDir: .* is not a directory"):
         Aggregator(config)
+
+
+def test_the_flow_collector_tls_section_is_read_like_any_other(load):
+    # Its certificate keys are accepted while the TLS export is off; enabling it is refused
+    # by name; a misspelled key in it is an unknown key, with a suggestion.
+    assert load("flowCollector:\n  tls: {enable: false, caSecretName: ca}\n").limits
+    message = error_of(load, "flowCollector:\n  tls: {enable: true}\n")
+    assert "flowCollector.tls.enable: True is not supported" in message
+    message = error_of(load, "flowCollector:\n  tls: {enabel: true}\n")
+    assert (
+        "flowCollector.tls.enabel" in message and "did you mean flowCollector.tls.enable" in message
+    )
