@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import reprlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -26,11 +27,21 @@ def cut(text: str, limit: int = _SHOWN) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _short_repr() -> reprlib.Repr:
+    short = reprlib.Repr()
+    short.maxlevel, short.maxdict, short.maxlist, short.maxtuple = 3, 6, 6, 6
+    short.maxstring = short.maxother = short.maxlong = _SHOWN
+    return short
+
+
+_REPR = _short_repr()
+
+
 def shown(value: Any) -> str:
-    """`value` as an error quotes it: its repr, cut short if long (a whole value can be a
-    megabyte, or an integer too long for repr at all)."""
+    """`value` as an error quotes it: a repr bounded in depth and length, never built
+    whole (a value can be a megabyte, or YAML aliases nesting 10**9 items in 300 bytes)."""
     try:
-        return cut(repr(value))
+        return cut(_REPR.repr(value))
     except ValueError:  # an integer of more than 4300 digits
         return f"<an integer of {value.bit_length()} bits>"
 
@@ -209,7 +220,8 @@ class ConfigReader:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {self.prefix}{close[0]}?)" if close else ""
             raise ConfigError(
-                f"{self.source}: unknown config key {self.prefix}{cut(str(key))}: "
+                f"{self.source}: unknown config key {self.prefix}"
+                f"{cut(key) if isinstance(key, str) else shown(key)}: "
                 f"{shown(self.values[key])}{hint}; "
                 f"expected one of {', '.join(sorted(self.used))}"
             )

@@ -25,7 +25,7 @@ def parse_duration(text: str) -> float:
     sign, and a bare "0".
     """
     if not isinstance(text, str):
-        raise ValueError(f"{text!r} is not a string")
+        raise ValueError(f"a {type(text).__name__} is not a string")
     s = text.strip()
     sign = 1.0
     if s[:1] in "+-" and s:

@@ -551,6 +551,13 @@ def test_two_agents_do_not_start_numbering_at_the_same_record(write):
     assert len(firsts) == 4
 
 
+# 300 bytes of YAML aliases that nest 10**9 items: what the fuzzer found to take 2 GB
+# when an error message quoted the value whole.
+ALIAS_BOMB = b"a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + b"".join(
+    b"a%d: &a%d [" % (i, i) + b", ".join([b"*a%d" % (i - 1)] * 10) + b"]\n" for i in range(1, 9)
+)
+
+
 @pytest.mark.parametrize(
     ("data", "said"),
     [
@@ -558,8 +565,10 @@ def test_two_agents_do_not_start_numbering_at_the_same_record(write):
         (b"conntrackZone: 0x" + b"f" * 3600 + b"\n", "an integer of 14400 bits"),
         (b"flowExporter: " + b"[" * 3000 + b"\n", "not valid YAML"),
         (b"denyQueue: '" + b"x" * 100_000 + b"'\n", "..."),
+        (ALIAS_BOMB + b"flowPollInterval: *a8\n", "is not a duration"),
+        (ALIAS_BOMB + b"flowPollIntervall: *a8\n", "unknown config key"),
     ],
-    ids=["not-utf8", "huge-integer", "deep-nesting", "huge-string"],
+    ids=["not-utf8", "huge-integer", "deep-nesting", "huge-string", "aliases", "aliases-key"],
 )
 def test_files_no_one_writes_by_hand_still_get_a_one_line_error(tmp_path, data, said):
     path = tmp_path / "antrea-agent.conf"
