@@ -36,13 +36,12 @@ import heapq
 import itertools
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from ..codes import ACTION_DROP, ACTION_REJECT, END_OF_FLOW, FLOW_TYPE_INTER_NODE
 from ..flowkey import FlowKey, make_key
 from ..ipfix.antrea import (
     DELTAS,
-    KUBERNETES_CONTEXT_ELEMENTS,
     TOTALS,
     FlowRecord,
 )
@@ -58,11 +57,7 @@ IdentityName = Literal[
     "egressNetworkPolicyRuleName", "egressNetworkPolicyRuleAction",
     "destinationClusterIPv4", "destinationClusterIPv6",
 ]  # fmt: skip
-IDENTITY_FIELDS: tuple[IdentityName, ...] = (
-    *KUBERNETES_CONTEXT_ELEMENTS,
-    "destinationClusterIPv4",
-    "destinationClusterIPv6",
-)
+IDENTITY_FIELDS: tuple[IdentityName, ...] = get_args(IdentityName)
 _EMPTY = (None, "", 0, "0.0.0.0", "::")
 MAX_UNSIGNED64 = (1 << 64) - 1
 ThroughputName = Literal[
@@ -73,14 +68,7 @@ ThroughputName = Literal[
     "reverseThroughputFromSourceNode",
     "reverseThroughputFromDestinationNode",
 ]
-_THROUGHPUTS: tuple[ThroughputName, ...] = (
-    "throughput",
-    "throughputFromSourceNode",
-    "throughputFromDestinationNode",
-    "reverseThroughput",
-    "reverseThroughputFromSourceNode",
-    "reverseThroughputFromDestinationNode",
-)
+_THROUGHPUTS: tuple[ThroughputName, ...] = get_args(ThroughputName)
 SIDES = ("SourceNode", "DestinationNode")
 SideFieldName = Literal[
     "packetTotalCountFromSourceNode", "octetTotalCountFromSourceNode",
@@ -96,32 +84,18 @@ SideFieldName = Literal[
     "flowEndSecondsFromDestinationNode", "throughputFromDestinationNode",
     "reverseThroughputFromDestinationNode",
 ]  # fmt: skip
-# Per-Node IEs of one side, paired with the _SideStats attribute each is read from.
+# Per-Node IEs of each side (source first, in _SIDE_ATTRIBUTES' order), paired with the
+# _SideStats attribute each is read from.
 _SIDE_ATTRIBUTES = (
     "packets", "octets", "reverse_packets", "reverse_octets",
     "d_packets", "d_octets", "d_reverse_packets", "d_reverse_octets",
     "end", "throughput", "reverse_throughput",
 )  # fmt: skip
+_SIDE_NAMES: tuple[SideFieldName, ...] = get_args(SideFieldName)
 _SIDE_FIELDS: dict[str, tuple[tuple[SideFieldName, str], ...]] = {
-    "SourceNode": tuple(zip((
-        "packetTotalCountFromSourceNode", "octetTotalCountFromSourceNode",
-        "reversePacketTotalCountFromSourceNode", "reverseOctetTotalCountFromSourceNode",
-        "packetDeltaCountFromSourceNode", "octetDeltaCountFromSourceNode",
-        "reversePacketDeltaCountFromSourceNode", "reverseOctetDeltaCountFromSourceNode",
-        "flowEndSecondsFromSourceNode", "throughputFromSourceNode",
-        "reverseThroughputFromSourceNode",
-    ), _SIDE_ATTRIBUTES, strict=True)),
-    "DestinationNode": tuple(zip((
-        "packetTotalCountFromDestinationNode", "octetTotalCountFromDestinationNode",
-        "reversePacketTotalCountFromDestinationNode",
-        "reverseOctetTotalCountFromDestinationNode",
-        "packetDeltaCountFromDestinationNode", "octetDeltaCountFromDestinationNode",
-        "reversePacketDeltaCountFromDestinationNode",
-        "reverseOctetDeltaCountFromDestinationNode",
-        "flowEndSecondsFromDestinationNode", "throughputFromDestinationNode",
-        "reverseThroughputFromDestinationNode",
-    ), _SIDE_ATTRIBUTES, strict=True)),
-}  # fmt: skip
+    "SourceNode": tuple(zip(_SIDE_NAMES[:11], _SIDE_ATTRIBUTES, strict=True)),
+    "DestinationNode": tuple(zip(_SIDE_NAMES[11:], _SIDE_ATTRIBUTES, strict=True)),
+}
 
 
 def flow_key(record: FlowRecord) -> FlowKey[str | None]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal, NamedTuple
+
 from ..conntrack.parser import TCP_STATES
 from ..ipfix.antrea import EXPORTER_TEMPLATE_ID_IPV4, EXPORTER_TEMPLATE_ID_IPV6, FlowRecord
 from ..k8s.stores import PolicyRule, unpack_ip
@@ -9,20 +11,32 @@ from .connections import Export
 from .enrich import FlowMeta
 
 
-def _ingress(rule: PolicyRule, record: FlowRecord) -> None:
-    record["ingressNetworkPolicyName"] = rule.policy_name
-    record["ingressNetworkPolicyNamespace"] = rule.policy_namespace
-    record["ingressNetworkPolicyType"] = rule.policy_type
-    record["ingressNetworkPolicyRuleName"] = rule.rule_name
-    record["ingressNetworkPolicyRuleAction"] = rule.action
+class _Direction(NamedTuple):
+    """The elements of one direction's NetworkPolicy rule."""
+
+    name: Literal["ingressNetworkPolicyName", "egressNetworkPolicyName"]
+    namespace: Literal["ingressNetworkPolicyNamespace", "egressNetworkPolicyNamespace"]
+    type: Literal["ingressNetworkPolicyType", "egressNetworkPolicyType"]
+    rule_name: Literal["ingressNetworkPolicyRuleName", "egressNetworkPolicyRuleName"]
+    action: Literal["ingressNetworkPolicyRuleAction", "egressNetworkPolicyRuleAction"]
 
 
-def _egress(rule: PolicyRule, record: FlowRecord) -> None:
-    record["egressNetworkPolicyName"] = rule.policy_name
-    record["egressNetworkPolicyNamespace"] = rule.policy_namespace
-    record["egressNetworkPolicyType"] = rule.policy_type
-    record["egressNetworkPolicyRuleName"] = rule.rule_name
-    record["egressNetworkPolicyRuleAction"] = rule.action
+_INGRESS = _Direction(
+    "ingressNetworkPolicyName", "ingressNetworkPolicyNamespace", "ingressNetworkPolicyType",
+    "ingressNetworkPolicyRuleName", "ingressNetworkPolicyRuleAction",
+)  # fmt: skip
+_EGRESS = _Direction(
+    "egressNetworkPolicyName", "egressNetworkPolicyNamespace", "egressNetworkPolicyType",
+    "egressNetworkPolicyRuleName", "egressNetworkPolicyRuleAction",
+)  # fmt: skip
+
+
+def _rule(direction: _Direction, rule: PolicyRule, record: FlowRecord) -> None:
+    record[direction.name] = rule.policy_name
+    record[direction.namespace] = rule.policy_namespace
+    record[direction.type] = rule.policy_type
+    record[direction.rule_name] = rule.rule_name
+    record[direction.action] = rule.action
 
 
 def flow_record(export: Export, node_name: str) -> tuple[int, FlowRecord]:
@@ -70,8 +84,8 @@ def flow_record(export: Export, node_name: str) -> tuple[int, FlowRecord]:
         record["destinationServicePort"] = meta.service_port
         record["destinationServicePortName"] = meta.service_port_name
     if meta.ingress_rule is not None:
-        _ingress(meta.ingress_rule, record)
+        _rule(_INGRESS, meta.ingress_rule, record)
     if meta.egress_rule is not None:
-        _egress(meta.egress_rule, record)
+        _rule(_EGRESS, meta.egress_rule, record)
     template_id = EXPORTER_TEMPLATE_ID_IPV6 if ipv6 else EXPORTER_TEMPLATE_ID_IPV4
     return template_id, record

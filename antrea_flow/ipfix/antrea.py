@@ -8,7 +8,7 @@ names, checked the same way. A test holds it equal to the templates' elements an
 
 from __future__ import annotations
 
-from typing import Literal, TypedDict
+from typing import Literal, TypedDict, get_args
 
 from .templates import Template
 
@@ -100,18 +100,8 @@ TotalName = Literal[
 DeltaName = Literal[
     "packetDeltaCount", "octetDeltaCount", "reversePacketDeltaCount", "reverseOctetDeltaCount"
 ]
-TOTALS: tuple[TotalName, ...] = (
-    "packetTotalCount",
-    "octetTotalCount",
-    "reversePacketTotalCount",
-    "reverseOctetTotalCount",
-)
-DELTAS: tuple[DeltaName, ...] = (
-    "packetDeltaCount",
-    "octetDeltaCount",
-    "reversePacketDeltaCount",
-    "reverseOctetDeltaCount",
-)
+TOTALS: tuple[TotalName, ...] = get_args(TotalName)
+DELTAS: tuple[DeltaName, ...] = get_args(DeltaName)
 
 EXPORTER_TEMPLATE_ID_IPV4 = 256
 EXPORTER_TEMPLATE_ID_IPV6 = 257
@@ -137,26 +127,7 @@ ContextName = Literal[
     "egressNetworkPolicyRuleAction",
 ]
 # The Pod, Service and NetworkPolicy context an agent adds to a connection's 5-tuple.
-KUBERNETES_CONTEXT_ELEMENTS: tuple[ContextName, ...] = (
-    "sourcePodName",
-    "sourcePodNamespace",
-    "sourceNodeName",
-    "destinationPodName",
-    "destinationPodNamespace",
-    "destinationNodeName",
-    "destinationServicePort",
-    "destinationServicePortName",
-    "ingressNetworkPolicyName",
-    "ingressNetworkPolicyNamespace",
-    "ingressNetworkPolicyType",
-    "ingressNetworkPolicyRuleName",
-    "ingressNetworkPolicyRuleAction",
-    "egressNetworkPolicyName",
-    "egressNetworkPolicyNamespace",
-    "egressNetworkPolicyType",
-    "egressNetworkPolicyRuleName",
-    "egressNetworkPolicyRuleAction",
-)
+KUBERNETES_CONTEXT_ELEMENTS: tuple[ContextName, ...] = get_args(ContextName)
 
 
 def exporter_element_names(ipv6: bool) -> list[str]:

@@ -30,6 +30,16 @@ V4 = antrea.EXPORTER_TEMPLATE_ID_IPV4
 V6 = antrea.EXPORTER_TEMPLATE_ID_IPV6
 
 
+class Clock:
+    """A settable clock for the components' `clock=`: time moves only when a test moves it."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def run(coro: Coroutine[Any, Any, Any], timeout: float = 120.0) -> Any:
     """Run one test scenario on a fresh event loop, bounded as a whole."""
     return asyncio.run(asyncio.wait_for(coro, timeout))

@@ -17,6 +17,7 @@ from antrea_flow.ipfix.elements import REGISTRY, VARIABLE_LENGTH
 from antrea_flow.ipfix.messages import MAX_MESSAGE_SIZE
 
 from .ipfixkit import (
+    Clock,
     RecordSink,
     add_all,
     assert_exactly_once,
@@ -26,14 +27,6 @@ from .ipfixkit import (
     make_record,
     run,
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -17,6 +17,7 @@ from antrea_flow.ipfix.collecting import CollectorLimits
 
 from .ipfixkit import (
     V4,
+    Clock,
     RecordSink,
     add_all,
     assert_exactly_once,
@@ -26,14 +27,6 @@ from .ipfixkit import (
     make_record,
     run,
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_a_reconnect_replays_and_the_collector_takes_each_record_once():

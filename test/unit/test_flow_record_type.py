@@ -71,3 +71,14 @@ def test_a_misspelled_element_written_into_a_record_is_a_type_error(tmp_path):
     assert 'has no key "sourcePodNmae"' in out and "misspelled.py:5" in out, out
     assert "misspelled.py:6" in out, out  # a str where an element is unsigned64
     assert "misspelled.py:4" not in out, out
+
+
+def test_the_aggregators_identity_fields_are_the_context_and_the_cluster_ips():
+    from antrea_flow.aggregator.aggregation import IDENTITY_FIELDS
+    from antrea_flow.ipfix.antrea import KUBERNETES_CONTEXT_ELEMENTS
+
+    assert (
+        *KUBERNETES_CONTEXT_ELEMENTS,
+        "destinationClusterIPv4",
+        "destinationClusterIPv6",
+    ) == IDENTITY_FIELDS
