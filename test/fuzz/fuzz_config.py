@@ -148,11 +148,16 @@ _SECTIONS = ("featureGates", "flowExporter", "flowCollector", "collectorLimits",
 
 
 def _mappings(node: Any) -> list[dict]:
-    """Every mapping in a parsed document, the root first."""
+    """Every mapping in a parsed document, the root first; each once: YAML aliases make a
+    graph, in which a few hundred bytes reach 10**9 items."""
     found = []
     stack = [node]
+    seen: set[int] = set()
     while stack:
         item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
         if isinstance(item, dict):
             found.append(item)
             stack.extend(item.values())
