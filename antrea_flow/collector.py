@@ -33,9 +33,8 @@ def build_collector(args, out: TextIO) -> CollectingProcess:
         if missing:
             raise UsageError(f"--address {args.address} uses tls and needs {', '.join(missing)}")
         try:
-            check_pem_files(
-                args.ca, args.cert, args.key, tuple(f"--{n} {getattr(args, n)}" for n in _TLS_FLAGS)
-            )
+            labels = (f"--ca {args.ca}", f"--cert {args.cert}", f"--key {args.key}")
+            check_pem_files(args.ca, args.cert, args.key, labels)
         except TLSFileError as exc:
             raise UsageError(str(exc)) from None
         ssl_context = server_context(args.cert, args.key, args.ca)

@@ -57,8 +57,8 @@ def format_duration(seconds: float) -> str:
                 return f"{round(seconds / scale, 6):g}{unit}"
     whole = int(seconds)
     hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    secs += seconds - whole
+    minutes, whole_secs = divmod(rest, 60)
+    secs = whole_secs + (seconds - whole)
     out = ""
     if hours:
         out += f"{hours}h"

@@ -15,6 +15,7 @@ import logging
 import signal
 import threading
 from collections.abc import Awaitable, Callable, Iterable
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -113,7 +114,9 @@ async def run_until_signalled(
             server.shutdown()
 
 
-def serve(registry: CollectorRegistry, address: TransportAddress) -> tuple[object, object]:
+def serve(
+    registry: CollectorRegistry, address: TransportAddress
+) -> tuple[WSGIServer, threading.Thread]:
     """Start the HTTP endpoint (in a daemon thread); (server, thread) for shutdown."""
     server, thread = start_http_server(address.port, address.host or "0.0.0.0", registry)
     log.info("metrics on http://%s/metrics", address.host_port)

@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 
@@ -133,7 +133,7 @@ class Table:
         return f"{name}{'/' + rule if rule else ''} {ACTION_NAMES.get(action, action)}"
 
     def row(self, record: dict) -> None:
-        proto = {6: "tcp", 17: "udp"}.get(record.get("protocolIdentifier"), "ip")
+        proto = {6: "tcp", 17: "udp"}.get(record.get("protocolIdentifier", 0), "ip")
         egress = self._policy(record, "egress")
         notes = ("egress " + egress) if egress else ""
         print(
@@ -146,7 +146,7 @@ class Table:
                 record.get("octetDeltaCount", 0),
                 f"{record.get('throughput', 0) / 1e6:.2f}",
                 self._policy(record, "ingress")[:32],
-                FLOW_TYPES.get(record.get("flowType"), ""),
+                FLOW_TYPES.get(record.get("flowType", 0), ""),
                 notes,
             ),
             flush=True,
@@ -161,7 +161,7 @@ class Quickstart:
         self.records = 0
         self.iperf: dict[str, Any] = {}
         self.outcomes: dict[str, tuple[str, str]] = {}  # probe -> (seen, expected)
-        self._flows = None
+        self._flows: TextIO | None = None  # flows.jsonl while run() runs
 
     # -- processes -------------------------------------------------------------------------
 
@@ -309,11 +309,13 @@ class Quickstart:
     # -- collector -------------------------------------------------------------------------
 
     def _collected(self, peer: Peer, message: Message) -> None:
+        flows = self._flows
+        assert flows is not None  # run() opens it before the collector starts
         for record in message_records(peer, message):
             self.records += 1
-            self._flows.write(json_line(record) + "\n")
+            flows.write(json_line(record) + "\n")
             self.table.row(record)
-        self._flows.flush()
+        flows.flush()
 
     # -- run ---------------------------------------------------------------------------------
 
@@ -321,11 +323,12 @@ class Quickstart:
         (self.output / "logs").mkdir(parents=True, exist_ok=True)
         print(f"building the lab {LAB!r} (network namespaces afl-{LAB}-*) ...", flush=True)
         self.cluster = lab.up(LAB, None).cluster
-        self._flows = (self.output / "flows.jsonl").open("w")
+        flows = self._flows = (self.output / "flows.jsonl").open("w")
         collector = CollectingProcess(TransportAddress("127.0.0.1", 0, "tcp"), self._collected)
         tasks: list[asyncio.Task] = []
         try:
             await collector.start()
+            assert collector.port is not None  # start() binds it
             self._start_pipeline(self.cluster, collector.port)
             certs = self.output / "certs"
             await self._wait(
@@ -360,7 +363,7 @@ class Quickstart:
             self._stop_processes()
             await asyncio.sleep(0.5)
             await collector.stop()
-            self._flows.close()
+            flows.close()
             lab.down(LAB)
         return self._summary()
 

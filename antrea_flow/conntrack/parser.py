@@ -272,13 +272,13 @@ class Dump:
         self._entries = entries
         if entries is not None:
             self.size = len(entries)
-            self.columns = {
+            self.columns: dict[str, np.ndarray] = {
                 name: np.array([getattr(e, name) for e in entries], dtype=np.int64)
                 for name in NUMERIC
             }
             return
         self.size = sum(len(g.rows) for g in groups)
-        self.columns: dict[str, np.ndarray] = {}
+        self.columns = {}
         for name in NUMERIC:
             parts = [g.column(name) for g in groups]
             self.columns[name] = np.concatenate(parts) if parts else np.zeros(0, np.int64)

@@ -116,12 +116,14 @@ class _StreamSession(asyncio.Protocol):
     thousands of agents), and every handshake failure is ours to count and explain.
     """
 
+    # Set in connection_made, which asyncio calls before any other method of a protocol.
+    transport: asyncio.Transport
+    peer: Peer
+
     def __init__(self, collector: CollectingProcess):
         self.collector = collector
         self.framer = StreamFramer()
         self.decoder = collector._decoder(None)
-        self.transport: asyncio.Transport | None = None
-        self.peer: Peer | None = None
         self.opened_at = collector.clock()
         self.last_data = self.opened_at
         self.delivered = False  # a whole message came through
@@ -188,17 +190,18 @@ class _StreamSession(asyncio.Protocol):
             return
         self._incoming.write(data)
         if not self._open:
+            timer = self._handshake_timer
+            assert timer is not None  # armed with self._tls in connection_made
             try:
                 self._tls.do_handshake()
             except ssl.SSLWantReadError:
                 self._flush()
                 return
             except ssl.SSLError as exc:
-                if self._handshake_timer is not None:
-                    self._handshake_timer.cancel()
+                timer.cancel()
                 self._refuse(exc)
                 return
-            self._handshake_timer.cancel()
+            timer.cancel()
             self._opened()
         chunks = []
         closed = False
@@ -392,14 +395,14 @@ class CollectingProcess:
         if self._server is not None:
             self._server.close()
             for session in list(self._streams):
-                if session.transport is not None:
-                    session.transport.close()
+                session.transport.close()
             await self._server.wait_closed()
             self._server = None
         if self._expiry_task is not None:
             self._expiry_task.cancel()
             self._expiry_task = None
         if self._udp_transport is not None:
+            assert self._udp is not None  # both come from create_datagram_endpoint
             self._udp_transport.close()
             await self._udp.closed  # the port is free again when stop() returns
             self._udp_transport = None
@@ -498,8 +501,8 @@ class CollectingProcess:
                 message.record_count,
                 message.export_time,
             )
-            if seen.count:
-                message = message.without_seen(seen.count, seen.wanted)
+            if seen.received:
+                message = message.without_seen(seen.received, seen.wanted)
         self.stats.messages += 1
         self.stats.records += message.record_count
         try:

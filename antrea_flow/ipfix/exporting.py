@@ -149,9 +149,15 @@ class _Connection:
 
     async def _writable(self) -> None:
         loop = asyncio.get_running_loop()
-        writable = loop.create_future()
+        writable: asyncio.Future[None] = loop.create_future()
+        assert self._sock is not None
         fd = self._sock.fileno()
-        loop.add_writer(fd, lambda: writable.done() or writable.set_result(None))
+
+        def wake() -> None:
+            if not writable.done():
+                writable.set_result(None)
+
+        loop.add_writer(fd, wake)
         try:
             await writable
         finally:
@@ -436,8 +442,8 @@ class ExportingProcess:
         delivery = self.delivery
         reliable = delivery.reliable
         try:
-            for message in delivery.open_session(self._clock()):
-                await connection.send(message)
+            for template_message in delivery.open_session(self._clock()):
+                await connection.send(template_message)
             if self.address.protocol == "tcp":
                 await connection.settle(_TCP_SETTLE_WAIT)
             while True:

@@ -274,7 +274,7 @@ class Message:
         return out
 
 
-def check_header(data: bytes) -> int:
+def check_header(data: bytes | bytearray) -> int:
     """The message length announced by a header, or MessageError if it cannot be IPFIX."""
     version, length = _VERSION_LENGTH.unpack_from(data, 0)
     if version != VERSION:
@@ -298,7 +298,7 @@ class StreamFramer:
     def feed(self, data: bytes) -> list[bytes]:
         buf = self._buffer
         buf += data
-        messages = []
+        messages: list[bytes] = []
         start = 0
         end = len(buf)
         while end - start >= 4:
@@ -507,7 +507,7 @@ class SessionDecoder:
 
     def _withdraw_all(self, domain: int, options: bool, staged: dict[int, Template | None]) -> None:
         state = self._domains.get(domain)
-        current = dict(state.templates) if state else {}
+        current: dict[int, Template | None] = dict(state.templates) if state else {}
         current.update(staged)
         for tid, template in current.items():
             if template is not None and template.is_options == options:

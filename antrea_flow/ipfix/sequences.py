@@ -47,10 +47,11 @@ class SequenceCounts:
 
 
 class Seen(NamedTuple):
-    """What a message holds that the collector has: its first `count` records were received
+    """What a message holds that the collector has: its first `received` records came
     before, but for those at `wanted` (positions in the message), still to be taken."""
 
-    count: int = 0
+    # Not `count`: a NamedTuple field of that name would hide tuple.count.
+    received: int = 0
     wanted: tuple[int, ...] = ()
 
 

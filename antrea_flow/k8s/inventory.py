@@ -23,7 +23,7 @@ def read_inventory(path: str | os.PathLike) -> list[dict[str, Any]]:
         documents = [d for d in load_yaml_documents(path, "inventory") if d is not None]
     except ConfigError as exc:
         raise InventoryError(str(exc)) from None
-    objects = []
+    objects: list[dict[str, Any]] = []
     for document in documents:
         if not isinstance(document, dict):
             raise InventoryError(

@@ -292,7 +292,8 @@ def build_cluster(objects: list[dict[str, Any]]) -> Cluster:
         namespace, name = _meta(obj)
         namespaces.setdefault(namespace, {"kubernetes.io/metadata.name": namespace})
         spec = obj.get("spec") or {}
-        node = by_name.get(spec.get("nodeName"))
+        node_name = spec.get("nodeName")
+        node = by_name.get(node_name) if node_name is not None else None
         if node is None:
             raise ClusterError(f"pod {namespace}/{name}: spec.nodeName must name a Node")
         addresses = {}

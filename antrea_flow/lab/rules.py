@@ -102,7 +102,9 @@ class NodeRules:
         side = "-s" if rule.direction == "ingress" else "-d"
         if peers.every:
             return [("", [])]
-        out = [(f"{side} {self.family.host(a)}", []) for a in self.family.addresses(peers.pods)]
+        out: list[tuple[str, list[str]]] = [
+            (f"{side} {self.family.host(a)}", []) for a in self.family.addresses(peers.pods)
+        ]
         for network, excepts in peers.cidrs:
             if network.version == self.family.version:
                 out.append((f"{side} {network}", [f"{side} {e}" for e in excepts]))
@@ -111,7 +113,7 @@ class NodeRules:
     def _port_matches(self, rule: Rule) -> list[str]:
         if not rule.ports:
             return [""]
-        out = []
+        out: list[str] = []
         for match in rule.ports:
             proto = f"-p {match.protocol.lower()}"
             if match.port is None:

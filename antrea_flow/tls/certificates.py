@@ -104,6 +104,10 @@ class CertificateAuthority:
     def load(cls, certificate_pem: bytes, private_key_pem: bytes) -> CertificateAuthority:
         certificate = x509.load_pem_x509_certificate(certificate_pem)
         key = serialization.load_pem_private_key(private_key_pem, password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(
+                f"the CA's private key is {type(key).__name__}, expected an elliptic-curve key"
+            )
         return cls(certificate, key)
 
     @property
