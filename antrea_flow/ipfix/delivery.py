@@ -105,6 +105,8 @@ class Delivery:
     ):
         """`reliable`: TCP or TLS (acknowledgements, requeue, replay); UDP otherwise."""
         self.templates = {t.template_id: t for t in templates}
+        # Looked up once: `Template.encode` compiles on first use, once is enough to ask.
+        self._encoders = {t.template_id: t.encode for t in templates}
         self.observation_domain_id = observation_domain_id
         self.max_message_size = max_message_size
         self.reliable = reliable
@@ -136,9 +138,8 @@ class Delivery:
 
     def add(self, template_id: int, values: Sequence[Any]) -> bool:
         """Queue one record given as values in template order; False if it was dropped."""
-        template = self.templates[template_id]
         try:
-            record = template.encode(values)
+            record = self._encoders[template_id](values)
         except (
             ValueError,
             TypeError,
@@ -153,7 +154,7 @@ class Delivery:
                 logging.ERROR,
                 "dropping a record of template %d that cannot be encoded: %s (%s)",
                 template_id,
-                template.explain_encode_error(values),
+                self.templates[template_id].explain_encode_error(values),
                 exc,
             )
             return False

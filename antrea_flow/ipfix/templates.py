@@ -8,10 +8,11 @@ into records. Two codecs implement that for a template, with the same results:
   a template costs a collector next to nothing;
 - a compiled one: Python source generated for the layout and compiled, with runs of fixed
   fields unpacked at once and variable-length fields inlined (about 1.8 times as fast).
-  Compiling costs a few milliseconds per dozen fields, so a template earns it by use: after
-  `COMPILE_AFTER` decoded records (or at once for the templates we export). Compiled codecs
-  are shared by every template of the same layout (a hundred agents announcing the same
-  template compile it once) and freed with the last template that uses them.
+  Compiling costs a few milliseconds per dozen fields, so a layout earns it by use: after
+  `COMPILE_AFTER` records decoded with it, in any session (or at once for the templates we
+  export). Compiled codecs are shared by every template of the same layout (a hundred
+  agents announcing the same template compile it once, and their templates switch to it)
+  and freed with the last template that uses them.
 
 Python values: integers for unsigned/signed and dateTimeSeconds/Milliseconds (epoch seconds
 and milliseconds), integers of epoch microseconds/nanoseconds for the NTP-format
@@ -279,6 +280,10 @@ def _interpreted_decoder(
                         out[key] = value if convert is None else convert(value)
                 continue
             n = buf[o]
+            if n == 0:
+                out[step[1]] = "" if step[2] else b""
+                o += 1
+                continue
             if n == 255:
                 n = _U16.unpack_from(buf, o + 1)[0]
                 o += 3
@@ -345,17 +350,22 @@ class _CodeGen:
         for number, run in enumerate(_runs(self.fields)):
             if isinstance(run, int):
                 text = self.fields[run].element.data_type == _T.string
-                convert = "raw.decode('utf-8', 'replace')" if text else "raw"
+                convert = "buf[o:o + n].decode('utf-8', 'replace')" if text else "buf[o:o + n]"
+                empty = "''" if text else "b''"
+                # Empty values (unset names, most policy fields) without a slice.
                 lines += [
                     "    n = buf[o]",
-                    "    if n == 255:",
-                    "        n = U16.unpack_from(buf, o + 1)[0]",
-                    "        o += 3",
-                    "    else:",
+                    "    if n == 0:",
+                    f"        r{run} = {empty}",
                     "        o += 1",
-                    "    raw = buf[o:o + n]",
-                    f"    r{run} = {convert}",
-                    "    o += n",
+                    "    else:",
+                    "        if n == 255:",
+                    "            n = U16.unpack_from(buf, o + 1)[0]",
+                    "            o += 3",
+                    "        else:",
+                    "            o += 1",
+                    f"        r{run} = {convert}",
+                    "        o += n",
                 ]
                 results.append(f"r{run}")
                 continue
@@ -386,6 +396,12 @@ class Codec:
     source: str
 
 
+# Records decoded per layout (by the hash of its fields, computed once per template: a
+# collision only pools two layouts' counts), or COMPILED once the layout earned its codec.
+# Bounded: the oldest counts go first.
+_DECODED: dict[int, int] = {}
+_DECODED_LAYOUTS = 4096
+COMPILED = -1
 # Compiled codecs by layout while some template uses them: a memo of pure functions, shared
 # by the templates of every session (and freed with the last one).
 _CODECS: weakref.WeakValueDictionary[tuple[Field, ...], Codec] = weakref.WeakValueDictionary()
@@ -429,7 +445,7 @@ class Template:
         "min_record_length",
         "decoder",
         "_codec",
-        "_decoded",
+        "_layout",
     )
 
     def __init__(
@@ -453,7 +469,7 @@ class Template:
         self.scope_field_count = scope_field_count
         self.keys = tuple(_record_keys(self.fields))
         self.min_record_length = sum(1 if f.variable else f.length for f in self.fields)
-        self._decoded = 0
+        self._layout = hash(self.fields)
         # Another template of this layout may have compiled it already.
         self._codec: Codec | None = _CODECS.get(self.fields)
         self.decoder: Callable[[bytes, int], tuple[dict[str, Any], int]] = (
@@ -485,10 +501,20 @@ class Template:
         return self._codec is not None
 
     def decoded(self, records: int) -> None:
-        """`records` more were decoded with `decoder`: compile once they earned it."""
-        self._decoded += records
-        if self._codec is None and self._decoded >= COMPILE_AFTER:
-            self.compile()
+        """`records` more were decoded with `decoder`: compile once the layout earned it (in
+        this session or any other), or take the codec another template compiled."""
+        if self._codec is not None:
+            return
+        count = _DECODED.pop(self._layout, 0)
+        if count != COMPILED:
+            count += records
+            if count < COMPILE_AFTER:
+                if len(_DECODED) >= _DECODED_LAYOUTS:
+                    del _DECODED[next(iter(_DECODED))]
+                _DECODED[self._layout] = count
+                return
+        _DECODED[self._layout] = COMPILED
+        self.compile()
 
     def decode(self, buf: bytes, offset: int) -> tuple[dict[str, Any], int]:
         """One record at `offset`: (IE name -> value, offset after it)."""

@@ -174,6 +174,24 @@ def test_a_peers_template_is_compiled_only_after_it_decoded_enough_records():
     assert template.compiled
 
 
+def test_a_layout_earns_its_codec_from_the_records_all_sessions_decoded():
+    # A hundred agents sending a thousand records each: no session alone reaches
+    # COMPILE_AFTER, together they do, and every session's template then uses the codec.
+    announced = message(template_set(u64_template(256, 3, first_id=720)))
+    sessions = [SessionDecoder() for _ in range(4)]
+    for decoder in sessions:
+        decoder.decode(announced)
+    per_session = COMPILE_AFTER // 3
+    for decoder in sessions[:3]:
+        decoder.decode(message(data_set(256, list(range(3 * per_session)))))
+    assert not any(d.templates(1)[256].compiled for d in sessions)
+    sessions[3].decode(message(data_set(256, list(range(3 * 10)))))
+    assert sessions[3].templates(1)[256].compiled
+    for decoder in sessions[:3]:  # at their next data set
+        decoder.decode(message(data_set(256, [1, 2, 3])))
+    assert all(d.templates(1)[256].compiled for d in sessions)
+
+
 def test_a_compiled_codec_is_shared_by_layout_and_freed_with_its_last_template():
     first = SessionDecoder()
     announced = message(template_set(u64_template(256, 3, first_id=710)))
