@@ -252,6 +252,37 @@ async def add_paced(
         await eventually(lambda t=target: received() >= t, f"{target - base} records received")
 
 
+# The octetDeltaCount of a record sent only to mark a point in an exporter's stream.
+SENTINEL = 999_999_999
+
+
+async def through_sentinel(exporter: ExportingProcess, sink: RecordSink) -> None:
+    """Queue a sentinel record (IPv6, octetDeltaCount SENTINEL) behind everything `exporter`
+    holds, wait until it reaches `sink`, then take it (and a message that carried nothing
+    else) out of `sink`. The collector handles one exporter's messages in the order they
+    were sent (a TCP or TLS session is ordered, and so are one socket's datagrams over
+    loopback), so what has not reached `sink` by then was not right behind: this is how a
+    test knows that no duplicate comes, without sleeping. The sentinel counts in both
+    sides' stats (one record, one message)."""
+    assert exporter.add_mapping(V6, make_record(SENTINEL, ipv6=True))
+    await eventually(lambda: SENTINEL in sink.counters(), "the sentinel record")
+    sink.records[:] = [r for r in sink.records if r[2]["octetDeltaCount"] != SENTINEL]
+    sink.messages[:] = [
+        (peer, message)
+        for peer, message in sink.messages
+        if [r["octetDeltaCount"] for s in message.data_sets for r in s.records] != [SENTINEL]
+    ]
+
+
+async def stop_and_drain(exporter: ExportingProcess, collector: CollectingProcess) -> None:
+    """Stop `exporter` (TCP or TLS) and wait until `collector` has seen its session end: the
+    collector has then read every byte the exporter sent, duplicates included, and nothing
+    more can come (a stopped exporter does not reconnect)."""
+    assert collector.address.protocol != "udp", "a UDP session never ends: through_sentinel"
+    await exporter.stop(drain_timeout=WAIT)
+    await eventually(lambda: collector.stats.sessions_open == 0, "the session ended")
+
+
 def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (for subprocesses that need a number up front)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -8,6 +8,7 @@ import contextlib
 import pytest
 
 from .ipfixkit import (
+    WAIT,
     RecordSink,
     assert_exactly_once,
     client_ssl,
@@ -54,8 +55,12 @@ def test_fifty_exporters_at_once(protocol, tls_material):
 
                 await asyncio.gather(*(produce(k) for k in range(1, EXPORTERS + 1)))
                 await eventually(lambda: len(sink.records) >= len(sent), "every record")
-                await asyncio.sleep(0.2)  # a duplicate would arrive right behind
                 assert collector.stats.sessions_open == EXPORTERS
+                # Once every session has ended the collector has read all they carried: a
+                # duplicate would be in the sink by then.
+                for exporter in exporters:
+                    await exporter.stop(drain_timeout=WAIT)
+                await eventually(lambda: collector.stats.sessions_open == 0, "sessions ended")
                 stats = [e.stats for e in exporters]
             return sink, collector.stats, stats
 

@@ -24,6 +24,7 @@ from .ipfixkit import (
     make_record,
     run,
     server_ssl,
+    stop_and_drain,
     template_id_of,
 )
 
@@ -78,7 +79,7 @@ def test_records_queue_through_an_outage_and_arrive_once(protocol, tls_material)
                     lambda: len(sink2.records) >= len(during) + len(after), "later records"
                 )
                 assert await exporter.wait_idle(5.0)
-                await asyncio.sleep(0.2)  # a duplicate would arrive right behind
+                await stop_and_drain(exporter, second)  # a duplicate would be in by then
                 stats = exporter.stats
         finally:
             await first.stop()
@@ -121,7 +122,7 @@ def test_full_queue_drops_the_oldest_and_counts_them():
             try:
                 await eventually(lambda: len(sink.records) >= 10, "the queued records")
                 assert await exporter.wait_idle(5.0)
-                await asyncio.sleep(0.2)
+                await stop_and_drain(exporter, collector)  # nothing more can come
             finally:
                 await collector.stop()
             return sink, exporter.stats
@@ -193,7 +194,8 @@ def test_stop_sends_what_is_queued(protocol, tls_material):
                 await exporter.stop(drain_timeout=10.0)
                 assert exporter.queued == 0
             await eventually(lambda: len(sink.records) >= len(records), "every record")
-            await asyncio.sleep(0.2)
+            # The exporter has stopped: once its session ended, the sink has all it sent.
+            await eventually(lambda: collector.stats.sessions_open == 0, "the session ended")
             return sink, exporter.stats
 
     sink, stats = run(scenario())

@@ -3,7 +3,6 @@ once the exporter has announced them again; data before that is counted, not dec
 
 from __future__ import annotations
 
-import asyncio
 import socket
 
 from antrea_flow.ipfix.address import TransportAddress
@@ -20,6 +19,7 @@ from .ipfixkit import (
     free_port,
     make_record,
     run,
+    through_sentinel,
 )
 
 REFRESH = 0.5
@@ -73,7 +73,7 @@ def test_collector_started_after_the_exporter_decodes_after_a_refresh():
             try:
                 await eventually(lambda: template_messages(sink) >= 1, "templates refreshed")
                 await add_paced(exporter, records, lambda: len(sink.records))
-                await asyncio.sleep(0.2)
+                await through_sentinel(exporter, sink)  # a duplicate would be in by then
             finally:
                 await collector.stop()
             return sink, collector.stats
@@ -115,7 +115,7 @@ def test_data_before_any_template_is_counted_then_refresh_recovers():
                 # The next refresh teaches B the templates; later records decode.
                 await eventually(lambda: template_messages(sink_b) >= 1, "templates refreshed")
                 await add_paced(exporter, late, lambda: len(sink_b.records))
-                await asyncio.sleep(0.2)
+                await through_sentinel(exporter, sink_b)  # a duplicate would be in by then
         finally:
             await a.stop()
             await b.stop()
