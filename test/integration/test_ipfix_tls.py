@@ -174,12 +174,14 @@ def test_refused_exporter_never_counts_records_as_sent(client, version, tls_mate
         ):
             for record in records.values():
                 assert exporter.add_mapping(template_id_of(record), record)
-            # Let it try (and be refused) several times.
+            # Let it try (and be refused) several times, and take each refusal in.
             await eventually(lambda: collector.stats.refused[label] >= 3, "three refusals")
-            await asyncio.sleep(0.2)
+            await eventually(
+                lambda: exporter.stats.connect_failures + exporter.stats.send_errors >= 3,
+                "the exporter knows of three failed sessions",
+            )
             assert exporter.stats.records_sent == 0
             assert exporter.queued == len(records), "refused records must stay queued"
-            assert exporter.stats.connect_failures + exporter.stats.send_errors >= 3
             assert not exporter.stats.connected
             assert not exporter.stats.records_dropped
             return sink, collector.stats
