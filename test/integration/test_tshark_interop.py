@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import datetime
 import ipaddress
+import secrets
 import shutil
+import socket
 import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -61,13 +63,22 @@ CFLOW_NAMES = {
 @contextlib.asynccontextmanager
 async def capturing(path: Path, capture_filter: str):
     """dumpcap on lo with `capture_filter`, from when it reports capturing until the block
-    ends (then it is stopped and has written `path`)."""
+    ends (then it is stopped and has written `path`).
+
+    dumpcap writes what it captured a while later (its kernel buffer hands packets over in
+    blocks), and what it has not written when it is stopped is lost. So at the end a marker
+    datagram goes over lo, captured too, and dumpcap is stopped once the marker is in the
+    file: every packet sent before it is written by then."""
+    marker_socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    marker_socket.bind(("127.0.0.1", 0))
+    marker_port = marker_socket.getsockname()[1]
+    marker = b"end of the capture " + secrets.token_hex(16).encode()
     process = await asyncio.create_subprocess_exec(
         shutil.which("dumpcap"),
         "-i",
         "lo",
         "-f",
-        capture_filter,
+        f"({capture_filter}) or (udp port {marker_port})",
         "-w",
         str(path),
         "-q",
@@ -90,8 +101,10 @@ async def capturing(path: Path, capture_filter: str):
         await asyncio.wait_for(started(), 20)
         await eventually(path.exists, "dumpcap's capture file", timeout=10)
         yield
-        await asyncio.sleep(0.5)  # let the last segments reach dumpcap
+        marker_socket.sendto(marker, ("127.0.0.1", marker_port))
+        await eventually(lambda: marker in path.read_bytes(), "the marker written by dumpcap")
     finally:
+        marker_socket.close()
         if process.returncode is None:
             process.terminate()
             try:
