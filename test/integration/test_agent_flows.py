@@ -2,7 +2,11 @@
 a bridge (see nodenet.py), the agent polling it every second and exporting IPFIX over TCP to
 an in-process collector. Checks exact counters, the active/idle/end-of-flow sequence, IPv6,
 a collector restart, the zone and ownership filters, the sysctls the agent turns on, and
-the agent's metrics."""
+the agent's metrics.
+
+Where a test checks which timeout fires when, the agent is driven (`driven_agent`): the test
+runs its rounds on a clock only the test moves, so the outcome never depends on how the
+scheduler spaced real polls; the others run the agent's own loop in real time."""
 
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from antrea_flow.conntrack.parser import ParseError
-from antrea_flow.exporter.agent import Agent, observation_domain_id
+from antrea_flow.exporter.agent import Agent, enable_accounting, observation_domain_id
 from antrea_flow.exporter.config import AgentConfig
 from antrea_flow.ipfix.address import TransportAddress
 from antrea_flow.ipfix.collecting import CollectingProcess, Peer
@@ -29,7 +33,7 @@ from antrea_flow.ipfix.render import message_records
 from antrea_flow.metrics import serve
 
 from . import nodenet
-from .ipfixkit import V4, V6, eventually, free_port, run
+from .ipfixkit import V4, V6, Clock, eventually, free_port, run
 from .nodenet import (
     CLIENT_V4,
     CLIENT_V6,
@@ -50,6 +54,11 @@ END_IDLE, END_ACTIVE, END_OF_FLOW = 1, 2, 3
 INTRA_NODE = 1
 # Liveness bound for one expected export: idle timeout + a poll + generous slack.
 EXPORT_WAIT = 15.0
+# A driven agent's bound on the rounds until an expected export (each POLL seconds of its
+# clock): a few more than the longest timeout.
+ROUNDS = int((ACTIVE + IDLE) / POLL) + 3
+# A driven agent's step past every timeout: what is not exported after two is never due.
+PAST_TIMEOUTS = ACTIVE + IDLE
 COUNTERS = (
     ("packetDeltaCount", "packetTotalCount"),
     ("octetDeltaCount", "octetTotalCount"),
@@ -103,6 +112,7 @@ class Harness:
     instance: int = 0
     records: list[dict[str, Any]] = field(default_factory=list)
     sequences: list = field(default_factory=list)  # the last collector's, for the next
+    clock: Clock | None = None  # a driven agent's (see driven_agent)
 
     def _handle(self, peer: Peer, message: Message) -> None:
         for record in message_records(peer, message):
@@ -148,11 +158,43 @@ class Harness:
         return self.flow(proto, source_port)
 
     async def wait_polls(self, count: int) -> None:
-        """Until the agent has completed `count` more polls."""
+        """Until the agent has started `count` more polls."""
         target = self.agent.store.stats.polls + count
         await eventually(
             lambda: self.agent.store.stats.polls >= target, f"{count} polls", EXPORT_WAIT
         )
+
+    async def wait_delivered(self) -> None:
+        """Until the collector has every record the agent has queued so far."""
+        exporter = self.agent.exporter
+        await eventually(
+            lambda: exporter.queued == 0 and len(self.records) >= exporter.stats.records_sent,
+            "the collector has every record queued so far",
+            EXPORT_WAIT,
+        )
+
+    # -- a driven agent (driven_agent) ---------------------------------------------------
+
+    async def round(self, advance: float = POLL) -> None:
+        """Move the agent's clock on by `advance` seconds and run one round of its loop at
+        that time (the metadata check, a poll, the export of what is due); return once the
+        collector has every record the round exported."""
+        assert self.clock is not None, "rounds are for a driven agent"
+        self.clock.now += advance
+        self.agent.refresh_metadata()
+        await in_thread(self.agent.poll)
+        self.agent.export_due()
+        await self.wait_delivered()
+
+    async def rounds_until(
+        self, proto: int, source_port: int, done: Callable[[list[dict]], bool], what: str
+    ) -> list[dict[str, Any]]:
+        """Rounds POLL seconds apart until `done(records of the connection)`."""
+        for _ in range(ROUNDS):
+            if done(self.flow(proto, source_port)):
+                return self.flow(proto, source_port)
+            await self.round()
+        raise AssertionError(f"not within {ROUNDS} rounds: {what}")
 
 
 @contextlib.asynccontextmanager
@@ -188,6 +230,36 @@ async def running_agent(
             await harness.stop_collector()
 
 
+@contextlib.asynccontextmanager
+async def driven_agent(net: NodeNet, inventory: Path) -> AsyncIterator[Harness]:
+    """An agent whose rounds the test runs (`Harness.round`) on a clock only the test moves:
+    which timeout fires when then depends on the traffic and the times the test chose,
+    never on how the scheduler spaced real polls. (The run loop, with real time, is what
+    the other tests run.) The clock starts at a whole second and moves by whole seconds, so
+    a record's flowEndSeconds is the exact time of the round that last saw its traffic."""
+    harness = Harness(net, None, 0)  # type: ignore[arg-type]
+    await harness.start_collector()
+    clock = Clock(float(int(time.time())))
+    agent = Agent(agent_config(inventory, harness.port), NODE, netns_name=net.node, clock=clock)
+    harness.agent, harness.clock = agent, clock
+    try:
+        # What the run loop does before its first round.
+        agent.refresh_metadata()
+        enable_accounting(net.node)
+        agent.exporter.start()
+        await eventually(lambda: agent.exporter.stats.connected, "agent connected")
+        yield harness
+    finally:
+        try:
+            # The agent's own shutdown: a run told to stop before its first round makes its
+            # last poll, exports what it holds, stops the exporter and closes its socket.
+            stop = asyncio.Event()
+            stop.set()
+            await asyncio.wait_for(agent.run(stop), 15)
+        finally:
+            await harness.stop_collector()
+
+
 def last_end(reason: int) -> Callable[[list[dict]], bool]:
     return lambda rs: bool(rs) and rs[-1]["flowEndReason"] == reason
 
@@ -217,6 +289,11 @@ def ct_counters(line: str) -> list[tuple[int, int]]:
     return list(zip(packets, octets, strict=True))
 
 
+def tcp_entries(net: NodeNet, source_port: int) -> list[str]:
+    """The pod zone's conntrack entries of the TCP connection from this client port."""
+    return net.conntrack("-w", str(nodenet.ZONE), "-p", "tcp", "--sport", str(source_port))
+
+
 def in_thread(function: Callable, *args: Any) -> Any:
     """Blocking helpers (subprocesses in the pods) run off the loop the agent runs on."""
     return asyncio.to_thread(function, *args)
@@ -227,15 +304,19 @@ def in_thread(function: Callable, *args: Any) -> Any:
 
 def test_udp_to_service_exact_counters_and_metadata(fresh, inventory_file):
     async def scenario():
-        async with running_agent(fresh, inventory_file) as h:
+        async with driven_agent(fresh, inventory_file) as h:
             port = await in_thread(fresh.udp_burst, CLUSTER_V4, nodenet.SERVICE_DNS_PORT, 100, 100)
-            records = await h.wait_flow(UDP, port, last_end(END_IDLE), "an idle-timeout record")
-            await h.wait_polls(1)
+            await h.round(0.0)
+            records = await h.rounds_until(UDP, port, last_end(END_IDLE), "an idle record")
+            idle_at = h.clock.now
+            for _ in range(2):  # the entry stays in the table, without new traffic
+                await h.round(PAST_TIMEOUTS)
             entries = fresh.conntrack("-w", str(nodenet.ZONE), "-p", "udp", "--sport", str(port))
-            return port, records, h.flow(UDP, port), entries
+            return port, records, idle_at, h.flow(UDP, port), entries
 
-    port, records, final, entries = run(scenario())
+    port, records, idle_at, final, entries = run(scenario())
     assert final == records, "records after the idle-timeout record without new traffic"
+    assert idle_at == records[-1]["flowEndSeconds"] + IDLE, "not exported at its idle timeout"
     assert sum(r["packetDeltaCount"] for r in records) == 100
     assert sum(r["octetDeltaCount"] for r in records) == 100 * (100 + 8 + 20)
     last = records[-1]
@@ -272,33 +353,45 @@ def test_udp_to_service_exact_counters_and_metadata(fresh, inventory_file):
 
 
 def test_long_tcp_connection_active_idle_end_records(fresh, inventory_file):
-    bursts = 20
-
-    def talk(client: nodenet.TcpClient) -> None:
-        for _ in range(bursts):  # ~10 s of traffic: several active timeouts
-            client.send(1000)
-            time.sleep(0.5)
+    bursts = 10  # one a second: three active timeouts
 
     async def scenario():
-        async with running_agent(fresh, inventory_file) as h:
+        async with driven_agent(fresh, inventory_file) as h:
             client = await in_thread(fresh.tcp_client, CLUSTER_V4, nodenet.SERVICE_HTTP_PORT)
-            await in_thread(talk, client)
-            await h.wait_flow(TCP, client.port, last_end(END_IDLE), "an idle record once quiet")
+            await in_thread(client.send, 1000)
+            await h.round(0.0)
+            first_seen = h.clock.now
+            for _ in range(bursts):
+                await in_thread(client.send, 1000)
+                await h.round()
+            port = client.port
+            await h.rounds_until(TCP, port, last_end(END_IDLE), "an idle record once quiet")
+            idle_at = h.clock.now
             await in_thread(client.close)
-            records = await h.wait_flow(
-                TCP, client.port, last_end(END_OF_FLOW), "an end-of-flow record after close"
+            # The next round sees the connection ended, not its way there (FIN_WAIT, ...).
+            await in_thread(
+                nodenet.wait_until,
+                lambda: any("TIME_WAIT" in e for e in tcp_entries(fresh, port)),
+                "the connection in TIME_WAIT",
             )
-            await h.wait_polls(2)
-            entries = fresh.conntrack(
-                "-w", str(nodenet.ZONE), "-p", "tcp", "--sport", str(client.port)
-            )
-            return records, h.flow(TCP, client.port), entries
+            await h.round()
+            records = h.flow(TCP, port)
+            for _ in range(2):
+                await h.round(PAST_TIMEOUTS)
+            return first_seen, idle_at, records, h.flow(TCP, port), tcp_entries(fresh, port)
 
-    records, final, entries = run(scenario())
-    assert final == records, "records after the end-of-flow record"
+    first_seen, idle_at, records, final, entries = run(scenario())
     reasons = [r["flowEndReason"] for r in records]
+    assert reasons[-1] == END_OF_FLOW, f"the round after the close did not end it: {reasons}"
+    # Traffic every round: an active record every ACTIVE seconds, exactly, and no idle one.
+    # (After the traffic the client's last delayed ACK may be seen a round later and make
+    # one more active record before the idle one: whether it is depends on the kernel.)
+    actives = [int(first_seen + ACTIVE * k) for k in range(1, int(bursts // ACTIVE) + 1)]
+    assert [r["flowEndSeconds"] for r in records[: len(actives)]] == actives, reasons
     assert reasons[-2:] == [END_IDLE, END_OF_FLOW], reasons
-    assert set(reasons[:-2]) == {END_ACTIVE} and len(reasons) - 2 >= 2, reasons
+    assert set(reasons[:-2]) == {END_ACTIVE} and len(reasons) - 2 >= len(actives), reasons
+    assert idle_at == records[-2]["flowEndSeconds"] + IDLE, "not exported at its idle timeout"
+    assert final == records, "records after the end-of-flow record"
     assert_deltas_add_up(records)
     last = records[-1]
     assert last["tcpState"] == "TIME_WAIT"
@@ -404,10 +497,18 @@ def test_collector_restart_loses_and_duplicates_nothing(fresh, inventory_file):
                     lambda: agent.exporter.queued > 0, "records queued during the outage"
                 )
                 queued = agent.exporter.queued
-                await asyncio.sleep(1.0)  # let more records pile up (not a timing check)
+                await eventually(
+                    lambda: agent.exporter.queued > queued, "more records queued in the outage"
+                )
                 await h.start_collector()
                 await eventually(lambda: agent.exporter.stats.connected, "agent reconnected")
-                await asyncio.sleep(2.0)  # traffic across the reconnection
+                # Traffic across the reconnection: new flows while the backlog goes out.
+                rounds = len(udp_ports)
+                await eventually(
+                    lambda: len(udp_ports) >= rounds + 2,
+                    "two rounds of traffic after the reconnection",
+                    EXPORT_WAIT,
+                )
             finally:
                 stop_traffic.set()
                 await asyncio.wait_for(talker, nodenet.WAIT * 2)
@@ -646,19 +747,20 @@ def one(scraped: dict[str, Any], name: str) -> float:
 
 def test_deleted_entry_ends_its_flow(fresh, inventory_file):
     async def scenario():
-        async with running_agent(fresh, inventory_file) as h:
+        async with driven_agent(fresh, inventory_file) as h:
             client = await in_thread(fresh.tcp_client, SERVER_V4, nodenet.TCP_PORT)
             await in_thread(client.send, 3000)
-            await h.wait_polls(2)
+            await h.round(0.0)
+            await h.round(IDLE / 2)
             assert h.flow(TCP, client.port) == []  # nothing due yet
             # The connection leaves the table without a FIN (as a flush or timeout does).
             deleted = fresh.run(
                 fresh.node, "conntrack", "-D", "-p", "tcp", "--sport", str(client.port)
             )
-            records = await h.wait_flow(
-                TCP, client.port, last_end(END_OF_FLOW), "an end-of-flow record"
-            )
-            await h.wait_polls(2)
+            await h.round(IDLE / 4)  # still before its idle timeout: the poll ends it
+            records = h.flow(TCP, client.port)
+            for _ in range(2):
+                await h.round(PAST_TIMEOUTS)
             after = h.flow(TCP, client.port)
             await in_thread(client.close)
             return deleted, records, after
