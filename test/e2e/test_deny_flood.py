@@ -20,10 +20,11 @@ import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from antrea_flow.exporter.denyqueue import QUIET, DenyQueue
+from antrea_flow.exporter.denyqueue import DenyQueue
 from antrea_flow.lab.rules import DENY_BURST, DENY_RATE
 
 from .conftest import (
@@ -113,25 +114,6 @@ def flood(lab: Lab, flows: list[tuple[str, str]], during: Callable[[], None]) ->
     return [int(out.split()[-2]) for out in outputs]
 
 
-def settle(lab: Lab, node: str, queue: DenyQueue) -> None:
-    """Until the Node has nothing more for the agent: its queue is empty and the counts of
-    packets read, missed and not queued have stood still for longer than the agent takes to
-    count the tail of a burst (two quiet intervals)."""
-    stable_for = 3 * QUIET
-    last: tuple = ()
-    since = time.monotonic()
-
-    def settled() -> bool:
-        nonlocal last, since
-        stats = nfqueue_stats(lab, node)
-        now = (queue.packets, sum(queue.counts().values()), lab.not_queued_rules(node))
-        if now != last or stats is None or stats["waiting"]:
-            last, since = now, time.monotonic()
-        return time.monotonic() - since > stable_for
-
-    wait_until(lambda: settled() or time.sleep(0.1), "the deny queue drained")
-
-
 class Counts:
     """Where the denied packets of a Node went since this was made. `handled` counts the
     packets the queue's handler took to the end (the agent's deny store: recorded, or not
@@ -178,6 +160,35 @@ def assert_every_packet_counted(sent: int, counts: dict[str, int]) -> None:
     assert sent == counted + counts["not_queued"]
 
 
+def settle(counts: Counts, sent: int) -> dict[str, int]:
+    """Until the Node has nothing more for the agent, and the counts since `counts` was made
+    (returned) account for the `sent` packets: the Node saw each of them (queued, or over
+    its rate), numbered each one it queued, and the agent read or counted missed each one
+    numbered, and handled or counted failed each one read; none waits for a verdict. These
+    are the balances `assert_every_packet_counted` checks: a packet that never reaches its
+    count keeps them from holding, and the wait fails with the counts it saw last."""
+    last: dict[str, Any] = {}
+
+    def balanced() -> bool:
+        stats = nfqueue_stats(counts.lab, counts.node)
+        since = counts.since()
+        last.update(since, waiting=None if stats is None else stats["waiting"])
+        return (
+            stats is not None
+            and stats["waiting"] == 0
+            and since["queued"] + since["not_queued"] == sent
+            and since["queued"] == since["numbered"]
+            and since["read"] + since["socket_overflow"] == since["numbered"]
+            and since["handled"] + since["error"] == since["read"]
+        )
+
+    try:
+        wait_until(balanced, "every denied packet counted")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: sent {sent}, counts {last}") from None
+    return {key: value for key, value in last.items() if key != "waiting"}
+
+
 def test_flood_of_denied_packets(lab: Lab, inventory_file: Path):
     """client-1 to web-1:9999, an isolation drop on node-1."""
     node = "node-1"
@@ -199,9 +210,8 @@ def test_flood_of_denied_packets(lab: Lab, inventory_file: Path):
 
         started = time.monotonic()
         (sent,) = flood(lab, [(CLIENT_1, WEB_1)], meanwhile)
-        settle(lab, node, agent.deny_queue)
+        since = settle(counts, sent)
         elapsed = time.monotonic() - started
-        since = counts.since()
         assert since["not_queued"] > 0, "the flood never went over the Node's rate"
         assert 0 < deny.recorded - recorded <= RECORD_RATE * (elapsed + 1) + 1
         assert_every_packet_counted(sent, since)
@@ -222,8 +232,7 @@ def test_a_flood_of_two_deny_rules_shares_the_nodes_limit(lab: Lab, inventory_fi
         started = time.monotonic()
         sent = flood(lab, [(DB, WEB_2), (CLIENT_2, DB)], meanwhile)
         elapsed = time.monotonic() - started  # the senders have stopped
-        settle(lab, node, agent.deny_queue)
-        since = counts.since()
+        since = settle(counts, sum(sent))
         allowed = DENY_BURST + DENY_RATE * RATE_SLACK * elapsed
         assert all(s > allowed for s in sent), f"a sender alone stayed within the limit: {sent}"
         assert since["queued"] <= allowed, f"{since['queued']} queued in {elapsed:.2f} s"
@@ -266,16 +275,20 @@ def test_an_overflowing_socket_is_counted_from_the_gaps_in_packet_ids(lab: Lab):
         web = lab.ip(WEB_2, 4)
         # Within the Node's burst (4096 packets): all of them are queued.
         lab.udp_burst(DB, web, FLOOD_PORT, burst, 16)
-        time.sleep(QUIET / 2)  # the socket drains; the tail of the burst is not counted yet
+        # The socket drains; the tail of the burst is not counted yet (that takes two of
+        # the queue's quiet intervals).
+        wait_until(
+            lambda: (nfqueue_stats(lab, node) or {}).get("waiting") == 0, "the socket drained"
+        )
         lab.udp_burst(DB, web, FLOOD_PORT, 1, late_size)
         wait_until(lambda: missed_before_late, "the late packet read")
         assert missed_before_late[0] > 0, "the gap before the late packet was not counted"
-        settle(lab, node, queue)
+        settle(counts, burst + 1)
         missed = queue.socket_overflow
         lab.udp_burst(DB, web, FLOOD_PORT, burst, 16)  # and nothing after it
-        settle(lab, node, queue)
+        since = settle(counts, 2 * burst + 1)
         assert queue.socket_overflow > missed, "the tail was not counted"
-        assert_every_packet_counted(2 * burst + 1, counts.since())
+        assert_every_packet_counted(2 * burst + 1, since)
     finally:
         queue.stop()
 
@@ -297,8 +310,7 @@ def test_a_failing_handler_is_counted_and_the_queue_goes_on(lab: Lab):
         for sent in (10, 20):  # the queue still reads after its handler failed
             lab.udp_burst(DB, lab.ip(WEB_2, 4), FLOOD_PORT, 10, 16)
             wait_until(lambda s=sent: queue.packets >= s, f"{sent} packets read")
-        settle(lab, node, queue)
-        since = counts.since()
+        since = settle(counts, 20)
         assert since["error"] == 10
         assert_every_packet_counted(20, since)
     finally:
