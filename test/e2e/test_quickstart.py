@@ -117,7 +117,7 @@ class QuickstartRun:
     returncode: int | None
     stdout: str
     stderr: str
-    seen_pids: set[int]
+    seen_pids: dict[int, int]  # each process seen, by pid: its start time (see _started)
     leftover_namespaces: list[str]
     leftover_state_dir: bool
     cluster: Cluster | None = None
@@ -164,13 +164,55 @@ def _netns_pids() -> set[int]:
     return out
 
 
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (the first is the state)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+            return f.read().rsplit(")", 1)[-1].split()
+    except OSError:
+        return None
+
+
+def _started(pid: int) -> int | None:
+    """When the process started (in clock ticks since boot): with its pid, what tells it
+    from a later process that got the same pid (pids wrap at 32768 here)."""
+    fields = _stat(pid)
+    return None if fields is None else int(fields[19])
+
+
+def alive(pid: int, started: int) -> bool:
+    """The process seen then exists and is not a zombie."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] not in "ZX" and int(fields[19]) == started
+
+
+PF_EXITING = 0x4  # /proc/PID/stat flags: in the kernel's exit path
+SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
+
+
+def _dying(pid: int) -> bool:
+    """The process is on its way out: exiting, or a SIGKILL is pending for it."""
+    fields = _stat(pid)
+    if fields is None:
+        return False
+    if int(fields[6]) & PF_EXITING:
+        return True
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return False
+    pending = (line.split()[1] for line in status.splitlines() if line[3:].startswith("Pnd:"))
+    return any(int(mask, 16) & SIGKILL_BIT for mask in pending)
+
+
+def _wait_for_the_dying(seen: dict[int, int], timeout: float = 30.0) -> None:
+    """Until none of the processes seen is killed but not yet gone. A process still running
+    is not waited for: the quickstart must have ended it before it exited."""
+    deadline = time.monotonic() + timeout
+    while any(alive(p, t) and _dying(p) for p, t in seen.items()):
+        if time.monotonic() > deadline:
+            return  # the test reports them
+        time.sleep(0.01)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -185,7 +227,7 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuickstartR
         pytest.skip(f"a lab named {LAB!r} is up: this test would remove it")
     output = tmp_path_factory.mktemp("quickstart")
     stdout_path, stderr_path = output / "quickstart.stdout", output / "quickstart.stderr"
-    seen: set[int] = set()
+    seen: dict[int, int] = {}
     process = None
     try:
         with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
@@ -199,7 +241,9 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuickstartR
         while process.poll() is None and time.monotonic() < deadline:
             # Everything the quickstart started: its children, and whatever runs in the
             # lab's namespaces (the Pods' servers, the probes, iperf3).
-            seen |= _descendants(process.pid) | _netns_pids()
+            for pid in _descendants(process.pid) | _netns_pids():
+                if pid not in seen and (started := _started(pid)) is not None:
+                    seen[pid] = started
             time.sleep(0.5)
         if process.poll() is None:
             process.send_signal(signal.SIGINT)  # as a user's Ctrl-C: it cleans up
@@ -208,13 +252,13 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuickstartR
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        time.sleep(0.2)  # let the last children be reaped
+        _wait_for_the_dying(seen)
         run = QuickstartRun(
             output=output,
             returncode=process.returncode,
             stdout=stdout_path.read_text(errors="replace"),
             stderr=stderr_path.read_text(errors="replace"),
-            seen_pids=seen - {process.pid, os.getpid()},
+            seen_pids={p: t for p, t in seen.items() if p not in (process.pid, os.getpid())},
             leftover_namespaces=_lab_namespaces(),
             leftover_state_dir=(STATE_DIR / LAB).exists(),
         )
@@ -334,8 +378,8 @@ def test_quickstart_leaves_no_namespace_process_or_state(quickstart: QuickstartR
     assert not run.leftover_state_dir, f"{STATE_DIR / LAB} left behind"
     assert run.seen_pids, "no process of the quickstart was ever seen (the check is blind)"
     survivors = {}
-    for pid in sorted(run.seen_pids):
-        if alive(pid):
+    for pid, started in sorted(run.seen_pids.items()):
+        if alive(pid, started):
             with contextlib.suppress(OSError):
                 survivors[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
     assert not survivors, f"processes the quickstart started still run: {survivors}"
