@@ -60,6 +60,9 @@ IdentityName = Literal[
 IDENTITY_FIELDS: tuple[IdentityName, ...] = get_args(IdentityName)
 _EMPTY = (None, "", 0, "0.0.0.0", "::")
 MAX_UNSIGNED64 = (1 << 64) - 1
+# One shared tuple for the common case rather than one per flow (75k flows, 75k tuples the
+# garbage collector walks).
+_NOTHING_BEFORE = (0, 0, 0, 0)
 ThroughputName = Literal[
     "throughput",
     "throughputFromSourceNode",
@@ -151,6 +154,24 @@ class _SideStats:
         self.throughput = _throughput(self.octets, span)
         self.reverse_throughput = _throughput(self.reverse_octets, span)
 
+    def reported_before(self) -> tuple[int, int, int, int]:
+        """The totals this Node had reported before its first record here: totals less
+        deltas (of that first record: call it before `update`). Usually nothing: a
+        connection's first record's deltas are its totals."""
+        if (
+            self.packets == self.d_packets
+            and self.octets == self.d_octets
+            and self.reverse_packets == self.d_reverse_packets
+            and self.reverse_octets == self.d_reverse_octets
+        ):
+            return _NOTHING_BEFORE
+        return (
+            max(0, self.packets - self.d_packets),
+            max(0, self.octets - self.d_octets),
+            max(0, self.reverse_packets - self.d_reverse_packets),
+            max(0, self.reverse_octets - self.d_reverse_octets),
+        )
+
     def lower_totals(self, record: FlowRecord) -> bool:
         """The record counts less than this side did: a connection that began again."""
         return (
@@ -227,7 +248,7 @@ class Flow:
     exporter: tuple[str, int] = ("", 0)  # (address, observation domain) of the latest record
     # The common totals at the previous export: the next export's common deltas are what
     # the totals grew since, whichever Node's record made them grow.
-    exported_totals: tuple[int, ...] = (0, 0, 0, 0)
+    exported_totals: tuple[int, ...] = _NOTHING_BEFORE
     heap_deadline: float | None = None
     # (exporter, sequence number) of the records it holds that no export carried yet.
     pending: list[tuple[tuple[str, int], int]] | None = None
@@ -249,7 +270,7 @@ class AggregationStats:
     clamped: Counter[str] = field(default_factory=Counter)  # exported values, by element
 
 
-def _needs_peer(record: FlowRecord) -> bool:
+def _needs_peer(record: FlowRecord, sides: tuple[str, ...]) -> bool:
     """As upstream: an inter-node half waits for the other, unless the outcome is decided.
     An egress deny never reached the other Node; an ingress Reject's source half is a
     connection the kernel removes at the RST, before any poll can see it."""
@@ -259,15 +280,7 @@ def _needs_peer(record: FlowRecord) -> bool:
         return False
     if record.get("ingressNetworkPolicyRuleAction") == ACTION_REJECT:
         return False
-    return len(_side(record)) == 1
-
-
-def _reported_before(record: FlowRecord) -> tuple[int, ...]:
-    """The totals a Node had reported before this record: its totals less its deltas."""
-    return tuple(
-        max(0, record.get(total, 0) - record.get(delta, 0))
-        for total, delta in zip(TOTALS, DELTAS, strict=True)
-    )
+    return len(sides) == 1
 
 
 def _throughput(octets: int, seconds: int) -> int:
@@ -278,10 +291,11 @@ def _ended(flow: Flow) -> bool:
     return flow.record.get("flowEndReason") == END_OF_FLOW
 
 
-def _new_connection(flow: Flow, record: FlowRecord) -> bool:
-    """Whether `record` is of another connection than `flow`, on the same 5-tuple."""
+def _new_connection(flow: Flow, record: FlowRecord, sides: tuple[str, ...]) -> bool:
+    """Whether `record` (speaking for `sides`) is of another connection than `flow`, on the
+    same 5-tuple."""
     start = record.get("flowStartSeconds", 0)
-    for side in _side(record):
+    for side in sides:
         stats = flow.source if side == "SourceNode" else flow.destination
         if stats is not None:
             # A Node reports one start time per connection; after the end of flow, lower
@@ -341,12 +355,13 @@ class AggregationStore:
             self.stats.ignored["no_addresses"] += 1
             return
         flow = self._flows.get(key)
-        if flow is not None and _new_connection(flow, record):
+        sides = _side(record)
+        if flow is not None and _new_connection(flow, record, sides):
             self._retire(flow, now)
             flow = None
         if flow is None:
-            flow = self._create(key, record, exporter, now)
-        elif not self._aggregate(flow, record):
+            flow = self._create(key, record, sides, exporter, now)
+        elif not self._aggregate(flow, record, sides):
             return
         else:
             self._updated(flow, record, exporter, now)
@@ -374,11 +389,15 @@ class AggregationStore:
             self._schedule(flow, max(flow.next_export, now))
 
     def _create(
-        self, key: FlowKey[str | None], record: FlowRecord, exporter: tuple[str, int], now: float
+        self,
+        key: FlowKey[str | None],
+        record: FlowRecord,
+        sides: tuple[str, ...],
+        exporter: tuple[str, int],
+        now: float,
     ) -> Flow:
         stats = _SideStats(record)
-        sides = _side(record)
-        needs_peer = _needs_peer(record)
+        needs_peer = _needs_peer(record, sides)
         flow = Flow(
             key,
             record.copy(),
@@ -392,7 +411,7 @@ class AggregationStore:
             exporter=exporter,
             # What was reported before this record is not this flow's to count again (an
             # aggregator that started while the connection was under way).
-            exported_totals=_reported_before(record),
+            exported_totals=stats.reported_before(),
         )
         self._flows[key] = flow
         if needs_peer:
@@ -421,11 +440,10 @@ class AggregationStore:
             if self._retired_at is None:
                 self._retired_at = now
 
-    def _aggregate(self, flow: Flow, record: FlowRecord) -> bool:
+    def _aggregate(self, flow: Flow, record: FlowRecord, sides: tuple[str, ...]) -> bool:
         """Merge a later record of the flow; False when it was ignored (a repeat or stale)."""
         merged = flow.record
         end = record.get("flowEndSeconds", 0)
-        sides = _side(record)
         applied = None
         for side in sides:
             stats = flow.source if side == "SourceNode" else flow.destination
@@ -435,8 +453,9 @@ class AggregationStore:
                     flow.source = stats
                 else:
                     flow.destination = stats
-                before = _reported_before(record)
-                flow.exported_totals = tuple(map(max, flow.exported_totals, before))
+                before = stats.reported_before()
+                if before is not _NOTHING_BEFORE:
+                    flow.exported_totals = tuple(map(max, flow.exported_totals, before))
             elif stats is applied:
                 continue  # an intra-node flow's two sides are one object
             elif end < stats.end or (end == stats.end and stats.same_totals(record)):
