@@ -35,6 +35,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -321,14 +322,29 @@ class AggregationStore:
         self._retired: list[FlowRecord] = []
         self._retired_at: float | None = None
         self._pending: dict[tuple[str, int], set[int]] = {}
+        # The sequence numbers exports carried since the last `take_carried`: pending until
+        # the sinks settle those exports.
+        self._carried: list[tuple[tuple[str, int], int]] = []
 
     def __len__(self) -> int:
         return len(self._flows)
 
     def pending(self) -> dict[tuple[str, int], frozenset[int]]:
-        """By exporter, the sequence numbers of the records no export carried yet: what a
-        restarted aggregator needs from a replay (the rest it exported, or ignored)."""
+        """By exporter, the sequence numbers of the records not yet carried by an export
+        that was `settle`d: what a restarted aggregator needs from a replay (the rest it
+        exported, or ignored)."""
         return {exporter: frozenset(seqs) for exporter, seqs in self._pending.items() if seqs}
+
+    def take_carried(self) -> list[tuple[tuple[str, int], int]]:
+        """The (exporter, sequence number) pairs exports carried since the last call."""
+        carried, self._carried = self._carried, []
+        return carried
+
+    def settle(self, carried: Iterable[tuple[tuple[str, int], int]]) -> None:
+        """What `take_carried` returned is in the sinks' hands: no longer pending."""
+        pending = self._pending
+        for exporter, sequence in carried:
+            pending[exporter].discard(sequence)
 
     @property
     def waiting(self) -> int:
@@ -581,8 +597,7 @@ class AggregationStore:
         flow.updated = False
         flow.next_export = now + self.export_interval
         if flow.pending is not None:
-            for exporter, sequence in flow.pending:
-                self._pending[exporter].discard(sequence)
+            self._carried += flow.pending
             flow.pending = None
         self.stats.exported += 1
         return record

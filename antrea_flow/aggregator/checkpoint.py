@@ -3,10 +3,11 @@ replays, exactly the records it lacks.
 
 Per exporter (address and observation domain): the sequence number it was expected to send
 next, the latest export time seen (to tell its replays from a restarted numbering), and the
-sequence numbers of the records received but not yet carried by an export. After a crash,
-a replayed record behind the expectation was either exported (dropped again) or pending
-(taken again); records after the expectation are new. What happened between the last
-checkpoint and the crash is the margin: records exported since then come again.
+sequence numbers of the records received but not yet carried by an export that every sink
+settled (wrote, delivered, or dropped and counted). After a crash, a replayed record behind
+the expectation was either exported (dropped again) or pending (taken again); records after
+the expectation are new. What happened between the last checkpoint and the crash is the
+margin: records exported since then, or settled by the sinks since then, come again.
 
 One JSON document, written to a temporary file and renamed over the last one, so a crash
 while writing leaves the previous checkpoint.
@@ -21,10 +22,11 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Protocol, cast
 
 from ..ipfix.sequences import SequenceTracker
 from ..logutil import LogOnce
@@ -110,18 +112,30 @@ def read(path: Path) -> list[ExporterState]:
         raise CheckpointError(f"{path}: malformed exporter entry: {exc!r}") from None
 
 
+class Sink(Protocol):
+    """What the checkpoint reads of a sink (see `sinks`)."""
+
+    @property
+    def accepted(self) -> int: ...
+
+    @property
+    def settled(self) -> int: ...
+
+
 class Checkpointer:
     """Restores an aggregator's checkpoint at start and writes it as it goes. Owned by the
     aggregator's event loop: the state is taken there, only the file write runs in a thread.
 
     `tracker` follows the agents' sequence numbers (the collector's, per exporter), `store`
-    knows which received records no export carried yet."""
+    knows which received records no export carried yet, and `sinks` say how much of what
+    they took they have settled."""
 
     def __init__(
         self,
         path: Path,
         tracker: SequenceTracker,
         store: AggregationStore,
+        sinks: Sequence[Sink],
         *,
         interval: float = 1.0,
         grace: float = 600.0,
@@ -131,6 +145,7 @@ class Checkpointer:
         self.path = path
         self.tracker = tracker
         self.store = store
+        self.sinks = sinks
         self.interval = interval
         self.grace = grace
         self.writes = 0
@@ -139,6 +154,9 @@ class Checkpointer:
         self._last_write: float | None = None
         self._written_progress: tuple[int, int] | None = None
         self._give_up_at: float | None = None
+        # Exports not yet settled by every sink: what they carried, and what each sink had
+        # accepted once they were handed over. Oldest first.
+        self._unsettled: deque[tuple[list[tuple[tuple[str, int], int]], list[int]]] = deque()
         self._log_once = LogOnce(log)
 
     def restore(self, now: float) -> tuple[int, int]:
@@ -179,11 +197,21 @@ class Checkpointer:
                 )
         if self._last_write is not None and now - self._last_write < self.interval:
             return
-        if self._progress() == self._written_progress:
+        if self._progress() == self._written_progress and not self._unsettled:
             return
         await self.save(now)
 
+    def _settle(self) -> None:
+        """Count as exported what every sink settled since it was handed over."""
+        self._unsettled.append((self.store.take_carried(), [s.accepted for s in self.sinks]))
+        while self._unsettled and all(
+            sink.settled >= accepted
+            for sink, accepted in zip(self.sinks, self._unsettled[0][1], strict=True)
+        ):
+            self.store.settle(self._unsettled.popleft()[0])
+
     async def save(self, now: float) -> None:
+        self._settle()
         pending = self.store.pending()
         states = []
         for stream, expected, export_time in self.tracker.state():

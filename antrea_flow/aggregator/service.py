@@ -85,7 +85,7 @@ class Aggregator:
         self.store = AggregationStore(
             config.export_interval, config.inactive_timeout, config.correlation_timeout
         )
-        self.sinks: list = []
+        self.sinks: list[IPFIXSink | JSONLinesSink] = []
         # The JSON log first: a bad jsonLogPath must stop start-up before certificates exist.
         if config.json_log:
             try:
@@ -111,18 +111,6 @@ class Aggregator:
             limits=config.limits,
             sequence_scope="exporter",
         )
-        self.checkpoint: Checkpointer | None = None
-        if config.state_dir and config.listen.protocol != "udp":
-            state = Path(config.state_dir)
-            if state.exists() and not state.is_dir():
-                raise UsageError(
-                    f"stateDir: {config.state_dir!r} is not a directory; expected a directory "
-                    "the aggregator can write (created if missing), or '' for no checkpoint"
-                )
-            assert self.collector.exporter_sequences is not None
-            self.checkpoint = Checkpointer(
-                state / CHECKPOINT_FILE, self.collector.exporter_sequences, self.store
-            )
         if config.external_collector is not None:
             self.sinks.append(
                 IPFIXSink(
@@ -134,6 +122,18 @@ class Aggregator:
             )
         if config.json_log:
             self.sinks.append(json_sink)
+        self.checkpoint: Checkpointer | None = None
+        if config.state_dir and config.listen.protocol != "udp":
+            state = Path(config.state_dir)
+            if state.exists() and not state.is_dir():
+                raise UsageError(
+                    f"stateDir: {config.state_dir!r} is not a directory; expected a directory "
+                    "the aggregator can write (created if missing), or '' for no checkpoint"
+                )
+            assert self.collector.exporter_sequences is not None
+            self.checkpoint = Checkpointer(
+                state / CHECKPOINT_FILE, self.collector.exporter_sequences, self.store, self.sinks
+            )
         self.metadata = MetadataStore()
         self.inventory = (
             InventoryFileSource(config.inventory_file, self.metadata)
@@ -234,10 +234,11 @@ class Aggregator:
         finally:
             await self.collector.stop()
             self.export_due(drain=True)
-            if self.checkpoint is not None:
-                await self.checkpoint.save(self.clock())  # nothing pending after the drain
             for sink in self.sinks:
                 await sink.stop()
+            if self.checkpoint is not None:
+                # Nothing pending after the drain, unless a sink could not finish.
+                await self.checkpoint.save(self.clock())
 
     def _metrics(self):
         stats = self.store.stats

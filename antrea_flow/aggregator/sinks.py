@@ -3,6 +3,11 @@
 Each sink has its own bounded queue and worker, and `send` never blocks: a slow or absent
 collector, or a slow disk, cannot hold up the intake or another sink. What a sink must
 drop is counted by reason.
+
+Every sink counts the records it `accepted` and those it `settled` (written, delivered, or
+dropped after it accepted them): both only grow, and once `settled` reaches what `accepted`
+was at some moment, the sink holds nothing of what it took before it. The checkpoint counts
+a record as exported only then, so a crash loses nothing that waited in a sink.
 """
 
 from __future__ import annotations
@@ -14,12 +19,12 @@ import queue
 import threading
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 from ..ipfix.address import TransportAddress
 from ..ipfix.antrea import (
     AGGREGATOR_TEMPLATE_ID_IPV4,
     AGGREGATOR_TEMPLATE_ID_IPV6,
+    FlowRecord,
     aggregator_templates,
 )
 from ..ipfix.exporting import ExportingProcess
@@ -50,14 +55,20 @@ class IPFIXSink:
             max_message_size=max_message_size,
             template_refresh_interval=template_refresh,
         )
+        self.accepted = 0
 
     def start(self) -> None:
         self.exporter.start()
 
-    def send(self, record: dict[str, Any]) -> None:
+    def send(self, record: FlowRecord) -> None:
         ipv6 = "sourceIPv6Address" in record
         template = AGGREGATOR_TEMPLATE_ID_IPV6 if ipv6 else AGGREGATOR_TEMPLATE_ID_IPV4
-        self.exporter.add_mapping(template, record)
+        if self.exporter.add_mapping(template, record):
+            self.accepted += 1
+
+    @property
+    def settled(self) -> int:
+        return self.exporter.stats.records_settled
 
     @property
     def sent(self) -> int:
@@ -74,9 +85,9 @@ class IPFIXSink:
 class JSONLinesSink:
     """Aggregated records as JSON objects, one per line, appended to a file by a thread.
 
-    `send` runs on the aggregator's loop, which owns `queue_full`; the writer thread owns
-    `sent` and `write_errors`. Each counter has that one writer, and readers on other
-    threads read it whole (an int, replaced, never changed in place)."""
+    `send` runs on the aggregator's loop, which owns `accepted` and `queue_full`; the writer
+    thread owns `sent`, `write_errors` and `settled`. Each counter has that one writer, and
+    readers on other threads read it whole (an int, replaced, never changed in place)."""
 
     name = "json"
 
@@ -85,9 +96,11 @@ class JSONLinesSink:
         written stops start-up (OSError) before anything else is set up."""
         self.path = Path(path)
         self.sent = 0
+        self.accepted = 0
+        self.settled = 0
         self.queue_full = 0
         self.write_errors = 0
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(JSON_QUEUE_RECORDS)
+        self._queue: queue.Queue[FlowRecord | None] = queue.Queue(JSON_QUEUE_RECORDS)
         self._thread = threading.Thread(target=self._write, name="json-sink", daemon=True)
         self._log_once = LogOnce(log)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,11 +109,13 @@ class JSONLinesSink:
     def start(self) -> None:
         self._thread.start()
 
-    def send(self, record: dict[str, Any]) -> None:
+    def send(self, record: FlowRecord) -> None:
         try:
             self._queue.put_nowait(record)
         except queue.Full:
             self.queue_full += 1
+        else:
+            self.accepted += 1
 
     @property
     def dropped(self) -> dict[str, int]:
@@ -133,7 +148,7 @@ class JSONLinesSink:
                 lines.append(more)
             self._flush(out, lines)
 
-    def _flush(self, out, records: list[dict[str, Any]]) -> None:
+    def _flush(self, out, records: list[FlowRecord]) -> None:
         try:
             out.write("".join(json.dumps(r, default=json_value) + "\n" for r in records))
             out.flush()
@@ -147,6 +162,7 @@ class JSONLinesSink:
                 self.path,
                 exc,
             )
+        self.settled += len(records)
 
     async def stop(self) -> None:
         self._queue.put(None)

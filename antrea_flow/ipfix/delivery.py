@@ -67,6 +67,11 @@ class ExporterStats:
     send_errors: int = 0
     records_dropped: Counter[str] = field(default_factory=Counter)  # by reason
     connected: bool = False
+    # Records queued that the process holds no more: delivered (acknowledged by the
+    # collector's host over TCP and TLS, sent over UDP) or dropped from the queue. Never
+    # decreases; in queue order, except that records dropped while older ones are in
+    # flight count before those.
+    records_settled: int = 0
 
     @property
     def records_written(self) -> int:
@@ -228,6 +233,7 @@ class Delivery:
             excess -= 1
             dropped += 1
         self._drop("queue_full", dropped)
+        self.stats.records_settled += dropped
         self._log_once(
             "queue_full",
             logging.WARNING,
@@ -248,6 +254,7 @@ class Delivery:
             self._writing = None
         if count:
             self._drop(reason, count)
+            self.stats.records_settled += count
         return count
 
     # -- a session ------------------------------------------------------------------------
@@ -324,11 +331,13 @@ class Delivery:
         if self.reliable:
             message.end = end
             self._in_flight.append(message)
+        else:
+            self.stats.records_settled += message.records
 
     def acknowledged(self, offset: int, now: float) -> None:
         """The collector's host has acknowledged the session's stream up to `offset`."""
         while self._in_flight and self._in_flight[0].end <= offset:
-            self._keep_for_replay(self._in_flight.popleft(), now)
+            self._delivered(self._in_flight.popleft(), now)
         self._expire_replay(now)
 
     def failed(self, acknowledged: int, now: float) -> int:
@@ -339,7 +348,7 @@ class Delivery:
         while self._in_flight:
             message = self._in_flight.popleft()
             if message.end <= acknowledged:
-                self._keep_for_replay(message, now)
+                self._delivered(message, now)
             else:
                 back.append(message)
         requeued = sum(m.records for m in back)
@@ -360,7 +369,7 @@ class Delivery:
     def closed(self, now: float) -> None:
         """The session ended without failing (a stop): what it sent counts as delivered."""
         while self._in_flight:
-            self._keep_for_replay(self._in_flight.popleft(), now)
+            self._delivered(self._in_flight.popleft(), now)
         self._replaying.clear()
         self._control.clear()
 
@@ -370,7 +379,9 @@ class Delivery:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _keep_for_replay(self, message: _Message, now: float) -> None:
+    def _delivered(self, message: _Message, now: float) -> None:
+        """The collector's host has all of `message`: settled, and kept for replay."""
+        self.stats.records_settled += message.records
         if self.replay_window <= 0:
             return
         message.acknowledged_at = now

@@ -204,3 +204,20 @@ def test_records_that_cannot_go_are_counted_not_queued(reliable):
     assert not delivery.add_mapping(V4, {"sourceTransportPort": 70000})
     assert dict(delivery.stats.records_dropped) == {"too_large": 1, "encode_error": 1}
     assert delivery.queued == 0
+
+
+@pytest.mark.parametrize("reliable", [True, False])
+def test_records_settle_once_acknowledged_or_sent_over_udp_or_dropped(reliable):
+    """What the aggregator's checkpoint reads to know a sink holds nothing it took."""
+    delivery = core(reliable=reliable, max_queue_records=40)
+    add(delivery, *range(30))
+    session = Session(delivery)
+    session.send()
+    in_flight = 0 if not reliable else 30
+    assert delivery.stats.records_settled == 30 - in_flight, "settled before acknowledged"
+    delivery.acknowledged(session.written, 0.0)
+    assert delivery.stats.records_settled == 30
+    add(delivery, *range(30, 80))  # 10 over the bound: dropped, settled
+    assert delivery.stats.records_settled == 40
+    delivery.drop_all("shutdown")
+    assert delivery.stats.records_settled == 80
