@@ -137,40 +137,33 @@ class _SideStats:
     )  # fmt: skip
 
     def __init__(self, record: FlowRecord):
-        self.start = record.get("flowStartSeconds", 0)  # the Node's start time of its connection
-        self.packets, self.octets = (
-            record.get("packetTotalCount", 0),
-            record.get("octetTotalCount", 0),
-        )
+        self.start = start = record.get("flowStartSeconds", 0)  # this Node's, of its connection
+        self.packets = record.get("packetTotalCount", 0)
+        self.octets = octets = record.get("octetTotalCount", 0)
         self.reverse_packets = record.get("reversePacketTotalCount", 0)
-        self.reverse_octets = record.get("reverseOctetTotalCount", 0)
-        self.d_packets, self.d_octets = (
-            record.get("packetDeltaCount", 0),
-            record.get("octetDeltaCount", 0),
-        )
+        self.reverse_octets = reverse_octets = record.get("reverseOctetTotalCount", 0)
+        self.d_packets = record.get("packetDeltaCount", 0)
+        self.d_octets = record.get("octetDeltaCount", 0)
         self.d_reverse_packets = record.get("reversePacketDeltaCount", 0)
         self.d_reverse_octets = record.get("reverseOctetDeltaCount", 0)
-        self.end = record.get("flowEndSeconds", 0)
-        span = self.end - self.start
-        self.throughput = _throughput(self.octets, span)
-        self.reverse_throughput = _throughput(self.reverse_octets, span)
+        self.end = end = record.get("flowEndSeconds", 0)
+        self.throughput = _throughput(octets, end - start)
+        self.reverse_throughput = _throughput(reverse_octets, end - start)
 
     def reported_before(self) -> tuple[int, int, int, int]:
         """The totals this Node had reported before its first record here: totals less
         deltas (of that first record: call it before `update`). Usually nothing: a
         connection's first record's deltas are its totals."""
-        if (
-            self.packets == self.d_packets
-            and self.octets == self.d_octets
-            and self.reverse_packets == self.d_reverse_packets
-            and self.reverse_octets == self.d_reverse_octets
-        ):
+        packets, octets = self.packets - self.d_packets, self.octets - self.d_octets
+        reverse_packets = self.reverse_packets - self.d_reverse_packets
+        reverse_octets = self.reverse_octets - self.d_reverse_octets
+        if not (packets or octets or reverse_packets or reverse_octets):
             return _NOTHING_BEFORE
         return (
-            max(0, self.packets - self.d_packets),
-            max(0, self.octets - self.d_octets),
-            max(0, self.reverse_packets - self.d_reverse_packets),
-            max(0, self.reverse_octets - self.d_reverse_octets),
+            packets if packets > 0 else 0,
+            octets if octets > 0 else 0,
+            reverse_packets if reverse_packets > 0 else 0,
+            reverse_octets if reverse_octets > 0 else 0,
         )
 
     def lower_totals(self, record: FlowRecord) -> bool:
