@@ -568,7 +568,7 @@ class SessionDecoder:
 
 
 def _read_records(data: bytes, offset: int, end: int, template: Template) -> list[dict[str, Any]]:
-    decode = template.decoder
+    decode = template.decoder_now()
     min_length = template.min_record_length
     records = []
     try:

@@ -500,6 +500,14 @@ class Template:
     def compiled(self) -> bool:
         return self._codec is not None
 
+    def decoder_now(self) -> Callable[[bytes, int], tuple[dict[str, Any], int]]:
+        """The decoder for the next data set: the compiled one once any template of this
+        layout earned it (a hundred agents' sessions switch before their first set, not
+        after it)."""
+        if self._codec is None and _DECODED.get(self._layout) == COMPILED:
+            self.compile()
+        return self.decoder
+
     def decoded(self, records: int) -> None:
         """`records` more were decoded with `decoder`: compile once the layout earned it (in
         this session or any other), or take the codec another template compiled."""
