@@ -236,10 +236,14 @@ async def driven_agent(net: NodeNet, inventory: Path) -> AsyncIterator[Harness]:
     which timeout fires when then depends on the traffic and the times the test chose,
     never on how the scheduler spaced real polls. (The run loop, with real time, is what
     the other tests run.) The clock starts at a whole second and moves by whole seconds, so
-    a record's flowEndSeconds is the exact time of the round that last saw its traffic."""
+    a record's flowEndSeconds is the exact time of the round that last saw its traffic. It
+    starts an hour ahead of real time: a real agent reads its clock after the dump, so every
+    connection it sees began before that poll; a driven clock behind real time (a loaded
+    machine spends more between rounds than the test advances) would put a kernel start
+    time after the round that saw it, and flowStartSeconds after flowEndSeconds."""
     harness = Harness(net, None, 0)  # type: ignore[arg-type]
     await harness.start_collector()
-    clock = Clock(float(int(time.time())))
+    clock = Clock(float(int(time.time()) + 3600))
     agent = Agent(agent_config(inventory, harness.port), NODE, netns_name=net.node, clock=clock)
     harness.agent, harness.clock = agent, clock
     try:
