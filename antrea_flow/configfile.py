@@ -225,3 +225,16 @@ class ConfigReader:
                 f"{shown(self.values[key])}{hint}; "
                 f"expected one of {', '.join(sorted(self.used))}"
             )
+
+
+def read_kubeconfig(reader: ConfigReader) -> str:
+    """`clientConnection.kubeconfig` (Antrea's key): the kubeconfig file of the API server
+    to use; "" for none. The section's other keys (content types, qps, burst) tune Go's
+    client and are accepted as they are."""
+    section = reader.section("clientConnection")
+    if section is None:
+        return ""
+    path = section.string("kubeconfig", "", "a path to a kubeconfig file")
+    section.ignore(("acceptContentTypes", "contentType", "qps", "burst"))
+    section.reject_unknown()
+    return path

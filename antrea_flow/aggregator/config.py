@@ -8,10 +8,11 @@ import os
 from dataclasses import dataclass
 
 from ..codes import AGGREGATOR_SERVICE_NAME
-from ..configfile import ConfigError, ConfigReader, shown
+from ..configfile import ConfigError, ConfigReader, read_kubeconfig, shown
 from ..ipfix.address import AddressError, TransportAddress, is_ip, parse_address
 from ..ipfix.collecting import CollectorLimits
 from ..ipfix.messages import TemplateLimits
+from ..k8s.watch import DEFAULT_SYNC_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class AggregatorConfig:
     max_message_size: int | None = None  # of the IPFIX export; None: by transport
     limits: CollectorLimits = CollectorLimits()  # what the agents' side may make us hold
     state_dir: str = ""  # where the checkpoint is kept; "" keeps none
+    kubeconfig: str = ""  # clientConnection.kubeconfig: the API server to watch and write
+    metadata_sync_timeout: float = DEFAULT_SYNC_TIMEOUT  # wait at start for the first lists
 
     @property
     def tls(self) -> bool:
@@ -182,6 +185,8 @@ def load_aggregator_config(path: str | os.PathLike) -> AggregatorConfig:
         "stateDir", cert_dir, "a directory for the checkpoint (empty: no checkpoint)"
     )
     inventory = reader.string("inventoryFile", "", "a path to a Kubernetes List YAML file")
+    kubeconfig = read_kubeconfig(reader)
+    sync_timeout = reader.duration("metadataSyncTimeout", DEFAULT_SYNC_TIMEOUT, minimum=0.0)
     metrics = reader.bind_address("metricsBindAddress", ":10348")
     limits = _collector_limits(reader.section("collectorLimits"))
     for key in reader.ignore(_UNSUPPORTED):
@@ -204,4 +209,6 @@ def load_aggregator_config(path: str | os.PathLike) -> AggregatorConfig:
         max_message_size=message_size,
         limits=limits,
         state_dir=state_dir,
+        kubeconfig=kubeconfig,
+        metadata_sync_timeout=sync_timeout,
     )

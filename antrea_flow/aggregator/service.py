@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, NamedTuple, cast
 
+from cryptography import x509
 from prometheus_client import CollectorRegistry
 
 from ..codes import AGGREGATOR_SERVICE_NAME
@@ -20,8 +22,12 @@ from ..ipfix.antrea import FlowRecord
 from ..ipfix.collecting import LIMIT_REASONS, CollectingProcess, Peer, exporter_key
 from ..ipfix.messages import Message
 from ..ipfix.sequences import MODULO
+from ..k8s.client import api_connection
+from ..k8s.credentials import ClusterCertificates, CredentialsError, aggregator_namespace
 from ..k8s.inventory import InventoryFileSource
 from ..k8s.stores import MetadataStore, pack_ip
+from ..k8s.watch import AGGREGATOR_RESOURCES, ApiSource, metadata_metrics
+from ..logutil import LogOnce
 from ..metrics import OwnerCollector, counter, gauge, labelled_counter, run_until_signalled
 from ..tls import server_context
 from ..tls.provision import ensure_aggregator_certificates
@@ -33,6 +39,7 @@ from .sinks import IPFIXSink, JSONLinesSink
 log = logging.getLogger(__name__)
 
 EXPORT_BATCH = 4096
+CERTIFY_INTERVAL = 3600.0  # how often the CA and the certificates are checked for renewal
 
 
 class _Side(NamedTuple):
@@ -96,11 +103,20 @@ class Aggregator:
                     f"jsonLogPath: {config.json_log!r} cannot be appended to ({reason}); "
                     "expected a file path the aggregator can create or append to"
                 ) from None
+        # With the API, the CA lives there and the collector gets its context in run(),
+        # before it listens; the empty one stands in until then.
+        self.api = api_connection(config.kubeconfig)
+        self.certificates: ClusterCertificates | None = None
+        self._certified: tuple[x509.Certificate, bytes] | None = None  # (CA, trusted CAs)
         ssl_context = None
         if config.tls:
-            names, addresses = _certificate_names(config)
-            files = ensure_aggregator_certificates(config.cert_dir, names, addresses)
-            ssl_context = server_context(files.server_cert, files.server_key, files.ca)
+            if self.api is not None:
+                self.certificates = ClusterCertificates(self.api, aggregator_namespace())
+                ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            else:
+                names, addresses = _certificate_names(config)
+                files = ensure_aggregator_certificates(config.cert_dir, names, addresses)
+                ssl_context = server_context(files.server_cert, files.server_key, files.ca)
         # Sequence numbers per agent across sessions: what an agent replays after a
         # reconnect and was received before is dropped, what a dead aggregator lost is
         # counted (and, with the checkpoint, taken back from the replay).
@@ -134,12 +150,18 @@ class Aggregator:
             self.checkpoint = Checkpointer(
                 state / CHECKPOINT_FILE, self.collector.exporter_sequences, self.store, self.sinks
             )
-        self.metadata = MetadataStore()
+        self.metadata = MetadataStore(clock=clock)
         self.inventory = (
             InventoryFileSource(config.inventory_file, self.metadata)
             if config.inventory_file
             else None
         )
+        self.watch = (
+            ApiSource(self.api, AGGREGATOR_RESOURCES, self.metadata)
+            if self.api is not None and self.inventory is None
+            else None
+        )
+        self.listening = False  # readiness: the intake is open
         self.registry = registry or CollectorRegistry()
         self.metrics = OwnerCollector(self._metrics)
         self.registry.register(self.metrics)
@@ -166,13 +188,23 @@ class Aggregator:
         return len(records)
 
     def _complete(self, record: FlowRecord) -> None:
-        """Fill each side's missing Pod, namespace and Node from the inventory (as upstream
-        does from its Pod store) and add the Pods' labels."""
-        view = self.metadata.view
+        """Fill what the agents could not know from the metadata (as upstream does from its
+        stores): each side's missing Pod, namespace and Node (the Pod that had the address
+        when the flow started, or the Node that has it), the Pods' labels, and the name of
+        the Service port the client dialled."""
+        metadata = self.metadata
+        start = record.get("flowStartSeconds") or None
         for side in _SIDES:
             ip = record.get(side.ipv4) or record.get(side.ipv6)
-            pod = view.pod(pack_ip(ip)) if ip else None
+            if not ip:
+                continue
+            packed = pack_ip(ip)
+            pod = metadata.pod(packed, start)
             if pod is None:
+                if not record.get(side.node):
+                    node = metadata.node_name_of(packed)
+                    if node is not None:
+                        record[side.node] = node
                 continue
             if pod.name and not record.get(side.pod):
                 record[side.pod] = pod.name
@@ -182,11 +214,77 @@ class Aggregator:
                 record[side.node] = pod.node_name
             if pod.labels:
                 record[side.labels] = json.dumps(pod.labels, sort_keys=True)
+        port = record.get("destinationServicePort")
+        if port and not record.get("destinationServicePortName"):
+            cluster_ip = record.get("destinationClusterIPv4") or record.get(
+                "destinationClusterIPv6"
+            )
+            if cluster_ip and cluster_ip not in ("0.0.0.0", "::"):
+                service = metadata.service(
+                    pack_ip(cluster_ip), port, record.get("protocolIdentifier", 0)
+                )
+                if service is not None:
+                    record["destinationServicePortName"] = service.port_name_full
+
+    async def _certify(self) -> None:
+        """Bring the CA, the agents' credentials and the server's certificate up to date
+        through the API (the blocking calls in an executor); a new CA or server
+        certificate takes effect for the sessions that start after it."""
+        assert self.certificates is not None
+        credentials = await asyncio.get_running_loop().run_in_executor(None, self.certificates.sync)
+        state = (credentials.authority.certificate, credentials.trusted)
+        if state == self._certified:
+            return
+        names, addresses = _certificate_names(self.config)
+        files = ensure_aggregator_certificates(
+            self.config.cert_dir, names, addresses, credentials.authority, credentials.trusted
+        )
+        self.collector.ssl_context = server_context(files.server_cert, files.server_key, files.ca)
+        self._certified = state
+
+    async def _certify_until_done(self, stop: asyncio.Event) -> bool:
+        """Start-up: the certificates must come before the intake opens; retried with
+        backoff while the API cannot give them. False when stopped first."""
+        backoff = 1.0
+        log_once = LogOnce(log)
+        while not stop.is_set():
+            try:
+                await self._certify()
+                return True
+            except (CredentialsError, OSError) as exc:
+                log_once(
+                    str(exc), logging.ERROR, "cannot set up TLS through the API: %s; retrying", exc
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), backoff)
+            backoff = min(backoff * 2, 30.0)
+        return False
+
+    def ready(self) -> bool:
+        """/readyz: agents can deliver (on the loop)."""
+        return self.listening
 
     async def run(self, stop: asyncio.Event) -> None:
         self.metrics.bind(asyncio.get_running_loop())  # scrapes read the loop's state there
         if self.inventory is not None:
             self.inventory.refresh()
+        elif self.watch is not None:
+            self.watch.start()
+        else:
+            log.warning(
+                "no metadata source (no inventoryFile, no clientConnection.kubeconfig, not "
+                "running in a Pod): records are exported as the agents sent them, without "
+                "the Pods of the other Node or Pod labels"
+            )
+        try:
+            if self.certificates is None or await self._certify_until_done(stop):
+                await self._serve(stop)
+        finally:
+            if self.watch is not None:
+                await self.watch.stop()
+
+    async def _serve(self, stop: asyncio.Event) -> None:
+        """Open the intake, export what is due until `stop`, then drain to the sinks."""
         if self.checkpoint is not None:
             exporters, owed = self.checkpoint.restore(self.clock())
             if exporters:
@@ -216,12 +314,32 @@ class Aggregator:
             )
             or "nowhere (no externalFlowCollectorAddr, no jsonLogPath)",
         )
+        self.listening = True
         for sink in self.sinks:
             sink.start()
+        # Exports wait for the metadata (its first lists, or metadataSyncTimeout): records
+        # wait for their timeouts anyway, and the first would lack what the others get.
+        metadata_wait = None
+        if self.watch is not None and config.metadata_sync_timeout > 0:
+            metadata_wait = asyncio.create_task(
+                self.watch.wait_synced(config.metadata_sync_timeout)
+            )
+        next_certify = self.clock() + CERTIFY_INTERVAL
         try:
             while not stop.is_set():
                 if self.inventory is not None:
                     self.inventory.refresh()
+                self.metadata.expire()
+                if self.certificates is not None and self.clock() >= next_certify:
+                    next_certify = self.clock() + CERTIFY_INTERVAL
+                    try:
+                        await self._certify()
+                    except (CredentialsError, OSError) as exc:
+                        log.error("cannot renew the certificates through the API: %s", exc)
+                if metadata_wait is not None and not metadata_wait.done():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), 0.2)
+                    continue
                 # In batches, letting the intake run in between.
                 while self.export_due(limit=EXPORT_BATCH) == EXPORT_BATCH:
                     await asyncio.sleep(0)
@@ -232,6 +350,9 @@ class Aggregator:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), wait)
         finally:
+            if metadata_wait is not None:
+                metadata_wait.cancel()
+            self.listening = False
             await self.collector.stop()
             self.export_due(drain=True)
             for sink in self.sinks:
@@ -351,6 +472,7 @@ class Aggregator:
             "Agents that started numbering their records again (a restarted agent).",
             sequences.resets,
         )
+        yield from metadata_metrics("antrea_flow_aggregator_", self.metadata, self.watch)
 
 
 def main(args) -> int:
@@ -359,5 +481,9 @@ def main(args) -> int:
         aggregator = Aggregator(config)
     except OSError as exc:
         raise UsageError(f"certDir {config.cert_dir}: {exc.strerror or exc}") from None
-    asyncio.run(run_until_signalled(aggregator.run, aggregator.registry, config.metrics_address))
+    asyncio.run(
+        run_until_signalled(
+            aggregator.run, aggregator.registry, config.metrics_address, aggregator.ready
+        )
+    )
     return 0

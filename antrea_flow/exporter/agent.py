@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -26,11 +27,20 @@ from ..conntrack.parser import ParseError, Parser
 from ..errors import UsageError
 from ..ipfix.address import is_ip
 from ..ipfix.antrea import exporter_templates
-from ..ipfix.exporting import ExportingProcess
+from ..ipfix.exporting import ExportingProcess, TLSCredentialsError
+from ..k8s.client import ApiConnection, api_connection
+from ..k8s.credentials import (
+    CA_CONFIGMAP,
+    CLIENT_SECRET,
+    DEFAULT_NAMESPACE,
+    CredentialsError,
+    fetch_client_credentials,
+)
 from ..k8s.inventory import InventoryError, InventoryFileSource
 from ..k8s.stores import MetadataStore
+from ..k8s.watch import ApiSource, agent_resources, metadata_metrics
 from ..metrics import OwnerCollector, counter, gauge, labelled_counter, run_until_signalled
-from ..tls import TLSFileError, check_pem_files, client_context
+from ..tls import TLSFileError, check_pem_files, client_context, client_context_from_pem
 from .config import AgentConfig, load_agent_config
 from .connections import ConnectionStore
 from .deny import DenyStore
@@ -79,6 +89,37 @@ def _client_context(config: AgentConfig) -> ssl.SSLContext:
         ) from None
 
 
+async def _fetch_tls_context(api: ApiConnection) -> ssl.SSLContext:
+    """The client certificate and CAs from the API, as an SSL context (TLSCredentialsError
+    says what is missing or wrong)."""
+    namespace = DEFAULT_NAMESPACE
+    try:
+        credentials = await asyncio.get_running_loop().run_in_executor(
+            None, fetch_client_credentials, api, namespace
+        )
+        context = client_context_from_pem(
+            credentials.ca,
+            credentials.certificate,
+            credentials.key,
+            (
+                f"ConfigMap {namespace}/{CA_CONFIGMAP} ca.crt",
+                f"Secret {namespace}/{CLIENT_SECRET} tls.crt",
+                f"Secret {namespace}/{CLIENT_SECRET} tls.key",
+            ),
+        )
+    except (CredentialsError, TLSFileError, ssl.SSLError) as exc:
+        raise TLSCredentialsError(str(exc)) from None
+    log.info(
+        "fetched the CA (ConfigMap %s/%s) and the client certificate (Secret %s/%s) from %s",
+        namespace,
+        CA_CONFIGMAP,
+        namespace,
+        CLIENT_SECRET,
+        api.server,
+    )
+    return context
+
+
 class Agent:
     """One node's flow exporter."""
 
@@ -95,12 +136,21 @@ class Agent:
         self.node_name = node_name
         self.netns_name = netns_name
         self.clock = clock
-        self.metadata = MetadataStore()
+        self.metadata = MetadataStore(clock=clock)
+        # The API, when there is one, serves the certificates even where the metadata
+        # comes from a file.
+        self.api = api_connection(config.kubeconfig)
         self.inventory = (
             InventoryFileSource(config.inventory_file, self.metadata)
             if config.inventory_file
             else None
         )
+        self.watch = (
+            ApiSource(self.api, agent_resources(node_name), self.metadata)
+            if self.api is not None and self.inventory is None
+            else None
+        )
+        self._metadata_version = -1  # of the store when skipped entries were last rechecked
         self.store = ConnectionStore(
             Enricher(self.metadata, node_name),
             config.active_timeout,
@@ -109,9 +159,14 @@ class Agent:
             config.protocol_filter,
         )
         ssl_context = None
+        tls_credentials = None
         server_name = None
         if config.collector.protocol == "tls":
-            ssl_context = _client_context(config)
+            if config.tls_cert_dir or self.api is None:
+                ssl_context = _client_context(config)
+            else:
+                api = self.api
+                tls_credentials = functools.partial(_fetch_tls_context, api)
             host = config.collector.host
             server_name = AGGREGATOR_SERVICE_NAME if is_ip(host) else host
         self.exporter = ExportingProcess(
@@ -119,6 +174,7 @@ class Agent:
             exporter_templates(),
             observation_domain_id(node_name),
             ssl_context=ssl_context,
+            tls_credentials=tls_credentials,
             server_hostname=server_name,
             replay_window=config.replay_window,
             # A restarted agent must not continue a numbering the aggregator still follows.
@@ -187,7 +243,13 @@ class Agent:
         return len(exports)
 
     def refresh_metadata(self) -> None:
-        if self.inventory is not None and self.inventory.refresh():
+        """Reload the inventory if it changed, let deleted Pods go, and have the next poll
+        look again at connections skipped for want of a local Pod when the metadata moved."""
+        if self.inventory is not None:
+            self.inventory.refresh()
+        self.metadata.expire()
+        if self.metadata.version != self._metadata_version:
+            self._metadata_version = self.metadata.version
             self.store.forget_skipped()
 
     # -- the loop --------------------------------------------------------------------------
@@ -197,6 +259,16 @@ class Agent:
         self.refresh_metadata()  # a bad inventory stops start-up before any side effect
         enable_accounting(self.netns_name)
         self.exporter.start()
+        if self.watch is not None:
+            self.watch.start()
+            if self.config.metadata_sync_timeout > 0:
+                await self.watch.wait_synced(self.config.metadata_sync_timeout)
+        elif self.inventory is None:
+            log.warning(
+                "no metadata source (no inventoryFile, no clientConnection.kubeconfig, not "
+                "running in a Pod): the agent cannot tell this Node's Pods and exports no "
+                "records"
+            )
         if self.deny_queue is not None:
             self.deny_queue.start()
         loop = asyncio.get_running_loop()
@@ -231,6 +303,8 @@ class Agent:
         finally:
             if self.deny_queue is not None:
                 self.deny_queue.stop()
+            if self.watch is not None:
+                await self.watch.stop()
             # A last look at the table, then what it holds goes out before the exporter closes.
             with contextlib.suppress(OSError, ParseError):
                 await loop.run_in_executor(None, self.poll)
@@ -347,6 +421,7 @@ class Agent:
             "Records waiting for the collector.",
             self.exporter.queued,
         )
+        yield from metadata_metrics("antrea_agent_", self.metadata, self.watch)
 
 
 def main(args) -> int:

@@ -11,9 +11,10 @@ import os
 from dataclasses import dataclass
 
 from ..codes import AGGREGATOR_SERVICE_NAME, ANTREA_POD_ZONE
-from ..configfile import ConfigError, ConfigReader
+from ..configfile import ConfigError, ConfigReader, read_kubeconfig
 from ..durations import format_duration
 from ..ipfix.address import TransportAddress
+from ..k8s.watch import DEFAULT_SYNC_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,6 @@ PROTOCOLS = ("tcp", "udp", "sctp")
 
 # Keys of Antrea's antrea-agent.conf that are not about flow export: accepted, not used.
 _ANTREA_AGENT_KEYS = {
-    "clientConnection",
     "antreaClientConnection",
     "kubeAPIServerOverride",
     "dnsServerOverride",
@@ -86,6 +86,8 @@ class AgentConfig:
     deny_queue: int | None = None  # NFQUEUE of denied packets; None: not listening
     deny_record_rate: float = 5000.0  # denied packets recorded per second, at most
     replay_window: float = 90.0  # acknowledged records sent again to a reconnected collector
+    kubeconfig: str = ""  # clientConnection.kubeconfig: the API server to watch and ask
+    metadata_sync_timeout: float = DEFAULT_SYNC_TIMEOUT  # wait at start for the first lists
 
     @property
     def tls_files(self) -> tuple[str, str, str]:
@@ -146,6 +148,8 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
     zone = reader.integer("conntrackZone", ANTREA_POD_ZONE, 0, 65535)
     inventory = reader.string("inventoryFile", "", "a path to a Kubernetes List YAML file")
     cert_dir = reader.string("tlsCertDir", "", "a directory holding ca.crt, tls.crt, tls.key")
+    kubeconfig = read_kubeconfig(reader)
+    sync_timeout = reader.duration("metadataSyncTimeout", DEFAULT_SYNC_TIMEOUT, minimum=0.0)
     metrics = reader.bind_address("metricsBindAddress", ":10351")
     protocols = reader.string_list("protocolFilter", None, PROTOCOLS)
     deny_queue = reader.optional_integer("denyQueue", 0, 65535)
@@ -156,10 +160,13 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
         log.debug("antrea-agent.conf keys not used by antrea-flow: %s", ", ".join(ignored))
     reader.reject_unknown()
 
-    if enabled and collector.protocol == "tls" and not cert_dir:
+    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    if enabled and collector.protocol == "tls" and not (cert_dir or kubeconfig or in_cluster):
         raise ConfigError(
             f"{reader.source}: tlsCertDir: '' is required because flowCollectorAddr "
-            f"{collector} uses tls; expected a directory holding ca.crt, tls.crt and tls.key"
+            f"{collector} uses tls and there is no Kubernetes API to fetch the certificates "
+            "from (clientConnection.kubeconfig unset, not running in a Pod); expected a "
+            "directory holding ca.crt, tls.crt and tls.key"
         )
     return AgentConfig(
         flow_exporter_enabled=enabled,
@@ -175,4 +182,6 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
         deny_queue=deny_queue,
         deny_record_rate=float(deny_rate),
         replay_window=replay_window,
+        kubeconfig=kubeconfig,
+        metadata_sync_timeout=sync_timeout,
     )

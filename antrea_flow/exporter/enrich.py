@@ -14,7 +14,7 @@ from ..codes import (
     FLOW_TYPE_TO_EXTERNAL,
 )
 from ..conntrack.parser import Entry
-from ..k8s.stores import MetadataStore, MetadataView, PodInfo, PolicyRule, unpack_ip
+from ..k8s.stores import MetadataStore, NodeInfo, PodInfo, PolicyRule, unpack_ip
 
 # Antrea's conntrack mark bit for connections to a Service (set by its proxy).
 SERVICE_CT_MARK = 1 << 4
@@ -72,13 +72,15 @@ class Enricher:
     """Builds FlowMeta for the connections of one Node from the metadata store.
 
     Owned by one thread (its memos are not shared): the agent gives the poll thread and the
-    deny-queue thread an enricher each. Each call reads the store's published view once.
+    deny-queue thread an enricher each. It reads the store through its lookups, and starts
+    its memos afresh whenever the store's version moves.
     """
 
     def __init__(self, store: MetadataStore, node_name: str):
         self.store = store
         self.node_name = node_name
-        self._view = MetadataView({}, {}, {}, {}, -1)  # not the store's: the first call refreshes
+        self._version = -1  # not the store's: the first call refreshes
+        self._nodes: tuple[NodeInfo, ...] | None = None
         self._pod_subnets = _Subnets([])
         self._gateways: frozenset[bytes] = frozenset()
         self._local_gateways: frozenset[bytes] = frozenset()
@@ -86,11 +88,19 @@ class Enricher:
         self._memo: dict[tuple, FlowMeta | None] = {}
         self._allowing: dict[int, PolicyRule] = {}
 
-    def _refresh(self, view: MetadataView) -> None:
+    def _refresh(self) -> None:
+        store = self.store
+        self._version = store.version  # read first: a change after it shows next call
+        self._interned = {}
+        self._memo = {}
+        self._allowing = {}
+        nodes = store.nodes
+        if nodes is self._nodes:
+            return
         # Pod subnets and gateway addresses are derived from the Nodes' pod CIDRs; the
         # gateway takes the first address of each, as Antrea's antrea-gw0 does.
         networks, gateways, local = [], set(), set()
-        for node in view.nodes.values():
+        for node in nodes:
             for cidr in node.pod_cidrs:
                 networks.append(cidr)
                 gateway = (cidr.network_address + 1).packed
@@ -100,20 +110,16 @@ class Enricher:
         self._pod_subnets = _Subnets(networks)
         self._gateways = frozenset(gateways)
         self._local_gateways = frozenset(local)
-        self._interned = {}
-        self._memo = {}
-        self._allowing = {}
-        self._view = view
+        self._nodes = nodes
 
     def local_pod(self, ip: bytes) -> PodInfo | None:
-        pod = self._view.pod(ip)
+        pod = self.store.pod(ip)
         return pod if pod is not None and pod.node_name == self.node_name else None
 
     def __call__(self, entry: Entry) -> FlowMeta | None:
         """The connection's metadata, or None when it is not a flow of this Node's Pods."""
-        view = self.store.view
-        if view is not self._view:
-            self._refresh(view)
+        if self.store.version != self._version:
+            self._refresh()
         # Everything below depends on the endpoints, the Service bit and rule labels, and
         # on the destination port only when a Service is involved.
         proto, orig_src, orig_dst, orig_dport, reply_src, reply_sport, mark, labels = _MEMO_FIELDS(
@@ -151,7 +157,7 @@ class Enricher:
             return None
         cluster_ip, service_port, port_name = "", 0, ""
         if service:
-            known = self._view.service(entry.orig_dst, entry.orig_dport, entry.proto)
+            known = self.store.service(entry.orig_dst, entry.orig_dport, entry.proto)
             if known is not None or entry.mark & SERVICE_CT_MARK:
                 cluster_ip = unpack_ip(entry.orig_dst)
                 service_port = entry.orig_dport
@@ -193,7 +199,7 @@ class Enricher:
         """The rule a conntrack label names. Only allowed connections are committed, so
         its action in the records is Allow whatever the rule's own (a Pass rule's id, say),
         as upstream reports it."""
-        rule = self._view.rule(rule_id) if rule_id else None
+        rule = self.store.rule(rule_id) if rule_id else None
         if rule is None or rule.action == ACTION_ALLOW:
             return rule
         allowing = self._allowing.get(rule_id)

@@ -17,10 +17,11 @@ import ssl
 import struct
 import termios
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from ..logutil import LogOnce
+from ..tls.refusals import is_certificate_failure
 from .address import TransportAddress
 from .delivery import DEFAULT_QUEUE_RECORDS, DEFAULT_TEMPLATE_REFRESH, Delivery, ExporterStats
 from .messages import DEFAULT_UDP_MESSAGE_SIZE, MAX_MESSAGE_SIZE
@@ -37,6 +38,10 @@ _TLS_ACCEPT_WAIT = 1.0
 # How long a plain-TCP exporter waits after its templates for a collector that refuses the
 # session (a TLS collector answers plain IPFIX with an alert and closes at once).
 _TCP_SETTLE_WAIT = 0.5
+
+
+class TLSCredentialsError(Exception):
+    """`tls_credentials` could not provide a context; the message says why."""
 
 
 def _describe(exc: BaseException) -> str:
@@ -279,6 +284,7 @@ class ExportingProcess:
         observation_domain_id: int,
         *,
         ssl_context: ssl.SSLContext | None = None,
+        tls_credentials: Callable[[], Awaitable[ssl.SSLContext]] | None = None,
         server_hostname: str | None = None,
         max_queue_records: int = DEFAULT_QUEUE_RECORDS,
         max_message_size: int | None = None,
@@ -293,9 +299,12 @@ class ExportingProcess:
         """`replay_window`: seconds of acknowledged messages sent again at the start of each
         TCP/TLS session (for a collector that drops what it has; 0: none). `first_sequence`:
         the sequence number of the first record (an agent picks it at random, so that a
-        restarted agent's numbering is not mistaken for the previous one's)."""
-        if address.protocol == "tls" and ssl_context is None:
-            raise ValueError("exporting over tls needs an SSL context")
+        restarted agent's numbering is not mistaken for the previous one's).
+        `tls_credentials`: where a TLS context comes from when there is none (or the last
+        one's certificates were refused): called before a connection attempt, its failure
+        counts as one."""
+        if address.protocol == "tls" and ssl_context is None and tls_credentials is None:
+            raise ValueError("exporting over tls needs an SSL context or a way to get one")
         if max_message_size is None:
             max_message_size = (
                 DEFAULT_UDP_MESSAGE_SIZE if address.protocol == "udp" else MAX_MESSAGE_SIZE
@@ -316,6 +325,7 @@ class ExportingProcess:
         self.templates = self.delivery.templates
         self.stats: ExporterStats = self.delivery.stats
         self._ssl_context = ssl_context
+        self._tls_credentials = tls_credentials
         self._server_hostname = server_hostname
         self._connect_timeout = connect_timeout
         self._backoff_initial = backoff_initial
@@ -388,12 +398,22 @@ class ExportingProcess:
         while not (self._closing and self.delivery.idle):
             connection = _Connection(self.address, self._wakeup.set)
             try:
+                if self._ssl_context is None and self._tls_credentials is not None:
+                    self._ssl_context = await self._tls_credentials()
                 await connection.open(
                     self._ssl_context, self._server_hostname, self._connect_timeout
                 )
-            except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
+            except (
+                TimeoutError,
+                OSError,
+                ssl.SSLError,
+                ConnectionError,
+                TLSCredentialsError,
+            ) as exc:
                 await connection.close()
                 self.stats.connect_failures += 1
+                if self._tls_credentials is not None and is_certificate_failure(exc):
+                    self._ssl_context = None  # the next attempt gets them afresh
                 self._log_once(
                     ("connect", _describe(exc)),
                     logging.WARNING,

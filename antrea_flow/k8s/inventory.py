@@ -47,7 +47,8 @@ def read_inventory(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 class InventoryFileSource:
-    """Feeds a MetadataStore from a file; `refresh()` reloads it when it has changed."""
+    """Feeds a MetadataStore from a file; `refresh()` reloads it when it has changed. It
+    runs on the store's owner."""
 
     def __init__(self, path: str | os.PathLike, store: MetadataStore):
         self.path = os.fspath(path)
@@ -76,12 +77,13 @@ class InventoryFileSource:
             return False
         self.store.replace(objects)
         self._signature = signature
+        counts = self.store.counts
         log.info(
             "inventory %s: %d nodes, %d pod IPs, %d service ports, %d policy rules",
             self.path,
-            len(self.store.nodes),
-            len(self.store.pods_by_ip),
-            len(self.store.services),
-            len(self.store.rules),
+            counts.nodes,
+            counts.pod_ips,
+            counts.services,
+            counts.rules,
         )
         return True

@@ -1,18 +1,22 @@
 """Kubernetes metadata the flow records need: Nodes, Pods by IP, Services by address, and
 NetworkPolicy rules by rule id.
 
-Sources (a static inventory file now, a Kubernetes API watch later) feed objects exactly as
-the API returns them; the store keeps them by kind and key and maintains lookup indexes
-keyed the way the agent looks things up: packed IP bytes, as conntrack gives them.
+Sources (the static inventory file, the Kubernetes API watch) feed objects exactly as the
+API returns them; the store keeps, per object, only what the lookups need, and maintains
+lookup indexes keyed the way the agent looks things up: packed IP bytes, as conntrack gives
+them. One object's change touches the index entries of that object only.
 """
 
 from __future__ import annotations
 
+import collections
+import datetime
 import ipaddress
 import json
 import logging
 import socket
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +49,14 @@ NETWORK_POLICY_KINDS = {
     ("crd.antrea.io/v1beta1", "ClusterNetworkPolicy"): POLICY_TYPE_ACNP,
     ("crd.antrea.io/v1alpha1", "ClusterNetworkPolicy"): POLICY_TYPE_ACNP,
 }
+
+# How long a deleted Pod's IP still resolves to it (upstream keeps deleted objects as
+# long): a record of a connection that ended with its Pod arrives after the Pod is gone.
+DELETED_POD_RETENTION = 300.0
+# Creation times are whole seconds of the API server's clock and flow start times come
+# from a Node's: a Pod's lifetime is widened by this much when a record's time picks it.
+_CLOCK_SLACK = 2.0
+_TERMINAL_PHASES = ("Succeeded", "Failed")  # their IPs are released
 
 
 def pack_ip(text: str) -> bytes:
@@ -97,172 +109,352 @@ class NodeInfo:
     addresses: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class PodLife:
+    """One Pod's hold on one IP: from its creation until it ended (deleted, or finished
+    and its IP released), in seconds since the epoch; `ended` None while it lives."""
+
+    info: PodInfo
+    created: float
+    ended: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCounts:
+    """Sizes of the indexes, published by the owner after each change (for metrics and
+    logs on any thread)."""
+
+    nodes: int = 0
+    pod_ips: int = 0
+    services: int = 0
+    rules: int = 0
+
+
+ObjectKey = tuple[str, str, str, str]  # (API group, kind, namespace, name)
+# What one object puts in the indexes: ("node", name, NodeInfo), ("pod", ip, PodLife),
+# ("service", (ip, port, protocol), ServiceInfo) or ("rule", rule id, PolicyRule).
+Entry = tuple[str, Any, Any]
+
+
 def _meta(obj: Mapping[str, Any]) -> tuple[str, str]:
     meta = obj.get("metadata") or {}
     return meta.get("namespace") or "", meta.get("name") or ""
 
 
-def _kind(obj: Mapping[str, Any]) -> tuple[str, str]:
-    return obj.get("apiVersion", ""), obj.get("kind", "")
-
-
-@dataclass(frozen=True, slots=True)
-class MetadataView:
-    """One consistent state of the store's indexes, never changed once published."""
-
-    nodes: Mapping[str, NodeInfo]
-    pods_by_ip: Mapping[bytes, PodInfo]
-    services: Mapping[tuple[bytes, int, int], ServiceInfo]
-    rules: Mapping[int, PolicyRule]
-    version: int
-
-    def pod(self, ip: bytes) -> PodInfo | None:
-        return self.pods_by_ip.get(ip)
-
-    def service(self, ip: bytes, port: int, protocol: int) -> ServiceInfo | None:
-        return self.services.get((ip, port, protocol))
-
-    def rule(self, rule_id: int) -> PolicyRule | None:
-        return self.rules.get(rule_id)
-
-
-_EMPTY_VIEW = MetadataView({}, {}, {}, {}, 0)
+def object_key(obj: Mapping[str, Any]) -> ObjectKey:
+    """(API group, kind, namespace, name): a K8s and an Antrea NetworkPolicy of the same
+    name are different objects."""
+    namespace, name = _meta(obj)
+    group = (obj.get("apiVersion") or "").rpartition("/")[0]
+    return group, obj.get("kind", ""), namespace, name
 
 
 class MetadataStore:
-    """Objects by (kind, namespace, name), with indexes rebuilt for the kinds that change.
+    """Objects by (group, kind, namespace, name), reduced to index entries.
 
-    Owned by the thread that feeds it (the agent's or aggregator's event loop, through its
-    source). Readers on any thread (the poll thread, the deny-queue thread) read `view`, the
-    indexes the owner published last, once per lookup or batch of lookups: it is replaced as
-    a whole, never changed, so a reader never sees the Pods of one version with the Nodes of
-    another. The lookup methods each read it once.
+    Owned by one thread: the one its source feeds it on (the agent's or aggregator's event
+    loop, for the inventory file and for the API watch, whose threads hand their events to
+    the loop). Readers on other threads (the poll thread, the deny-queue thread) only call
+    the lookup methods, each one read of a dict whose values are immutable and replaced
+    whole (atomic in CPython), and read `nodes` and `counts`, which the owner replaces
+    whole. Nobody but the owner iterates an index. `version` grows with every change that
+    alters a lookup, so a reader can tell when what it derived is stale.
     """
 
-    def __init__(self) -> None:
-        self._objects: dict[tuple[str, str, str, str], Mapping[str, Any]] = {}
-        self.view = _EMPTY_VIEW
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.time,
+        deleted_pod_retention: float = DELETED_POD_RETENTION,
+    ) -> None:
+        self.clock = clock
+        self.retention = deleted_pod_retention
+        self._entries: dict[ObjectKey, tuple[Entry, ...]] = {}
+        self._nodes: dict[str, NodeInfo] = {}
+        self._node_ips: dict[bytes, str] = {}
+        self._pods: dict[bytes, tuple[PodLife, ...]] = {}
+        self._services: dict[tuple[bytes, int, int], ServiceInfo] = {}
+        self._rules: dict[int, PolicyRule] = {}
+        self._ended: collections.deque[tuple[float, bytes, PodLife]] = collections.deque()
+        self.version = 0
+        self.nodes: tuple[NodeInfo, ...] = ()
+        self.counts = StoreCounts()
+
+    # -- owner-side views of the indexes (tests, logs) ------------------------------------
 
     @property
-    def nodes(self) -> Mapping[str, NodeInfo]:
-        return self.view.nodes
+    def nodes_by_name(self) -> Mapping[str, NodeInfo]:
+        return self._nodes
 
     @property
-    def pods_by_ip(self) -> Mapping[bytes, PodInfo]:
-        return self.view.pods_by_ip
+    def pods_by_ip(self) -> Mapping[bytes, tuple[PodLife, ...]]:
+        return self._pods
 
     @property
     def services(self) -> Mapping[tuple[bytes, int, int], ServiceInfo]:
-        return self.view.services
+        return self._services
 
     @property
     def rules(self) -> Mapping[int, PolicyRule]:
-        return self.view.rules
+        return self._rules
 
-    @property
-    def version(self) -> int:
-        return self.view.version
+    def kinds(self) -> dict[tuple[str, str], int]:
+        """Objects held, by (group, kind)."""
+        out: dict[tuple[str, str], int] = collections.Counter()
+        for group, kind, _, _ in self._entries:
+            out[(group, kind)] += 1
+        return dict(out)
 
     # -- feeding -------------------------------------------------------------------------
 
-    @staticmethod
-    def key(obj: Mapping[str, Any]) -> tuple[str, str, str, str]:
-        """(API group, kind, namespace, name): a K8s and an Antrea NetworkPolicy of the same
-        name are different objects."""
-        namespace, name = _meta(obj)
-        group = (obj.get("apiVersion") or "").rpartition("/")[0]
-        return group, obj.get("kind", ""), namespace, name
+    def replace(
+        self, objects: Iterable[Mapping[str, Any]], kinds: Iterable[tuple[str, str]] | None = None
+    ) -> None:
+        """Make the store hold exactly `objects` of `kinds` ((group, kind) pairs; all
+        kinds when None): a full resync. Unchanged objects cost a comparison."""
+        objects = list(objects)
+        self.apply(("ADDED", obj) for obj in objects)
+        self.remove_absent(kinds, {object_key(obj) for obj in objects})
 
-    def replace(self, objects: Iterable[Mapping[str, Any]]) -> None:
-        """Make the store hold exactly `objects` (a full resync)."""
-        self._objects = {self.key(o): o for o in objects}
-        self._reindex()
+    def remove_absent(self, kinds: Iterable[tuple[str, str]] | None, keep: set[ObjectKey]) -> None:
+        """Remove the objects of `kinds` (all when None) whose keys are not in `keep`: what
+        a resync no longer found."""
+        now = self.clock()
+        scope = None if kinds is None else set(kinds)
+        for key in [k for k in self._entries if k not in keep]:
+            if scope is None or (key[0], key[1]) in scope:
+                self._set(key, (), now)
+        self._published()
 
     def upsert(self, obj: Mapping[str, Any]) -> None:
-        self._objects[self.key(obj)] = obj
-        self._reindex()
+        now = self.clock()
+        key = object_key(obj)
+        self._set(key, self._derive(obj, key, now), now)
+        self._published()
 
     def remove(self, obj: Mapping[str, Any]) -> None:
-        self._objects.pop(self.key(obj), None)
-        self._reindex()
+        now = self.clock()
+        self._set(object_key(obj), (), now)
+        self._published()
 
-    def _reindex(self) -> None:
-        nodes: dict[str, NodeInfo] = {}
-        pods: dict[bytes, PodInfo] = {}
-        services: dict[tuple[bytes, int, int], ServiceInfo] = {}
-        rules: dict[int, PolicyRule] = {}
-        for obj in self._objects.values():
-            api_version, kind = _kind(obj)
-            try:
-                if kind == "Node":
-                    node = _node(obj)
-                    nodes[node.name] = node
-                elif kind == "Pod":
-                    for ip, pod in _pod(obj):
-                        pods[ip] = pod
-                elif kind == "Service":
-                    services.update(_service(obj))
-                elif (api_version, kind) in NETWORK_POLICY_KINDS:
-                    for rule in _policy_rules(obj, NETWORK_POLICY_KINDS[(api_version, kind)]):
-                        rules[rule.rule_id] = rule
-            except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                namespace, name = _meta(obj)
-                log.warning("ignoring malformed %s %s/%s: %s", kind, namespace, name, exc)
-        self.view = MetadataView(nodes, pods, services, rules, self.view.version + 1)
+    def apply(self, events: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
+        """Watch events in order: (ADDED | MODIFIED | DELETED, object)."""
+        now = self.clock()
+        for kind, obj in events:
+            key = object_key(obj)
+            entries = () if kind == "DELETED" else self._derive(obj, key, now)
+            self._set(key, entries, now)
+        self._published()
 
-    # -- lookups ---------------------------------------------------------------------------
+    def expire(self) -> None:
+        """Forget Pods deleted longer ago than the retention (lookups already ignore them;
+        this frees them)."""
+        self._published()
 
-    def pod(self, ip: bytes) -> PodInfo | None:
-        return self.view.pod(ip)
+    def _derive(self, obj: Mapping[str, Any], key: ObjectKey, now: float) -> tuple[Entry, ...]:
+        """The index entries of `obj` (none when it is malformed: it is reported)."""
+        kind = key[1]
+        try:
+            if kind == "Node":
+                return _node_entries(obj)
+            if kind == "Pod":
+                return self._pod_entries(obj, key, now)
+            if kind == "Service":
+                return _service_entries(obj)
+            policy_type = NETWORK_POLICY_KINDS.get((obj.get("apiVersion", ""), kind))
+            if policy_type is not None:
+                return tuple(("rule", r.rule_id, r) for r in _policy_rules(obj, policy_type))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            log.warning("ignoring malformed %s %s/%s: %s", kind, key[2], key[3], exc)
+        return ()
+
+    def _pod_entries(self, obj: Mapping[str, Any], key: ObjectKey, now: float):
+        previous = {e[1]: e[2] for e in self._entries.get(key, ())}
+        entries = []
+        for ip, info, created, running in _pod(obj):
+            held = previous.get(ip)
+            if held is not None and held.info == info and (held.ended is None) == running:
+                entries.append(("pod", ip, held))
+                continue
+            ended = None if running else (held.ended if held and held.ended else now)
+            entries.append(("pod", ip, PodLife(info, created, ended)))
+        return tuple(entries)
+
+    def _set(self, key: ObjectKey, entries: tuple[Entry, ...], now: float) -> None:
+        old = self._entries.get(key, ())
+        if old == entries:
+            return
+        if entries:
+            self._entries[key] = entries
+        else:
+            self._entries.pop(key, None)
+        new_places = {(e[0], e[1]) for e in entries}
+        for index, place, value in old:
+            if (index, place) not in new_places:
+                self._drop(index, place, value, now)
+        for index, place, value in entries:
+            self._put(index, place, value)
+        self.version += 1
+
+    def _put(self, index: str, place: Any, value: Any) -> None:
+        if index == "pod":
+            others = tuple(
+                life
+                for life in self._pods.get(place, ())
+                if life.info.name != value.info.name or life.info.namespace != value.info.namespace
+            )
+            self._pods[place] = tuple(sorted((*others, value), key=lambda life: life.created))
+            if value.ended is not None:
+                self._ended.append((value.ended + self.retention, place, value))
+        elif index == "node":
+            previous = self._nodes.get(place)
+            if previous is not None:
+                self._unindex_node(previous)
+            self._nodes[place] = value
+            for address in value.addresses:
+                self._node_ips[pack_ip(address)] = place
+            self.nodes = tuple(self._nodes.values())
+        elif index == "service":
+            self._services[place] = value
+        else:
+            self._rules[place] = value
+
+    def _drop(self, index: str, place: Any, value: Any, now: float) -> None:
+        """Take out what an object put at `place`, unless another object has put its own
+        value there since (the newer holder wins)."""
+        if index == "pod":
+            # A Pod that goes (deleted, or its IP changed) still resolves for a while.
+            if value.ended is None:
+                self._put("pod", place, PodLife(value.info, value.created, now))
+        elif index == "node":
+            node: NodeInfo = value
+            if self._nodes.get(place) is node:
+                del self._nodes[place]
+                self._unindex_node(node)
+                self.nodes = tuple(self._nodes.values())
+        elif index == "service":
+            if self._services.get(place) is value:
+                del self._services[place]
+        elif self._rules.get(place) is value:
+            del self._rules[place]
+
+    def _unindex_node(self, node: NodeInfo) -> None:
+        for address in node.addresses:
+            packed = pack_ip(address)
+            if self._node_ips.get(packed) == node.name:
+                del self._node_ips[packed]
+
+    def _purge(self, now: float) -> None:
+        ended = self._ended
+        while ended and ended[0][0] <= now:
+            _, ip, life = ended.popleft()
+            lives = self._pods.get(ip)
+            if lives is None or life not in lives:
+                continue  # replaced since
+            rest = tuple(other for other in lives if other is not life)
+            if rest:
+                self._pods[ip] = rest
+            else:
+                del self._pods[ip]
+            self.version += 1
+
+    def _published(self) -> None:
+        self._purge(self.clock())
+        self.counts = StoreCounts(
+            len(self._nodes), len(self._pods), len(self._services), len(self._rules)
+        )
+
+    # -- lookups (any thread) ------------------------------------------------------------
+
+    def pod(self, ip: bytes, at: float | None = None) -> PodInfo | None:
+        """The Pod that had `ip` at time `at` (a flow's start, seconds since the epoch), or
+        the one that has it now (or had it last, within the retention) when `at` is None."""
+        lives = self._pods.get(ip)
+        if not lives:
+            return None
+        if at is None:
+            life = lives[-1]
+            for candidate in lives:
+                if candidate.ended is None:
+                    life = candidate
+        else:
+            # The last Pod created by then; before every known Pod: the clocks disagree.
+            life = lives[0]
+            for candidate in lives:
+                if candidate.created <= at + _CLOCK_SLACK:
+                    life = candidate
+            if life.ended is not None and life.ended < at - _CLOCK_SLACK:
+                return None  # that Pod was gone when the flow started
+        if life.ended is not None and self.clock() - life.ended > self.retention:
+            return None
+        return life.info
 
     def service(self, ip: bytes, port: int, protocol: int) -> ServiceInfo | None:
-        return self.view.service(ip, port, protocol)
+        return self._services.get((ip, port, protocol))
 
     def rule(self, rule_id: int) -> PolicyRule | None:
-        return self.view.rule(rule_id)
+        return self._rules.get(rule_id)
+
+    def node(self, name: str) -> NodeInfo | None:
+        return self._nodes.get(name)
+
+    def node_name_of(self, ip: bytes) -> str | None:
+        """The Node that has `ip` as one of its addresses."""
+        return self._node_ips.get(ip)
 
 
-def _node(obj: Mapping[str, Any]) -> NodeInfo:
+def _node_entries(obj: Mapping[str, Any]) -> tuple[Entry, ...]:
     _, name = _meta(obj)
     spec = obj.get("spec") or {}
     cidrs = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
     addresses = [a["address"] for a in (obj.get("status") or {}).get("addresses") or []]
-    return NodeInfo(
+    node = NodeInfo(
         name,
         tuple(ipaddress.ip_network(c, strict=False) for c in cidrs),
         tuple(a for a in addresses if is_ip(a)),
     )
+    return (("node", name, node),)
 
 
-def _pod(obj: Mapping[str, Any]) -> list[tuple[bytes, PodInfo]]:
+def _timestamp(text: Any) -> float:
+    """An RFC 3339 time of the API (`2026-12-07T19:00:00Z`) in seconds; 0 when absent."""
+    if not text:
+        return 0.0
+    return datetime.datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+
+
+def _pod(obj: Mapping[str, Any]) -> list[tuple[bytes, PodInfo, float, bool]]:
+    """(packed IP, the Pod, its creation time, whether it still holds the IP) per Pod IP."""
     namespace, name = _meta(obj)
     spec = obj.get("spec") or {}
     status = obj.get("status") or {}
     if spec.get("hostNetwork"):
         return []  # a host-network Pod's IP is its Node's, not the Pod's
-    labels = (obj.get("metadata") or {}).get("labels") or {}
+    metadata = obj.get("metadata") or {}
+    labels = metadata.get("labels") or {}
     info = PodInfo(namespace, name, spec.get("nodeName") or "", dict(labels))
+    created = _timestamp(metadata.get("creationTimestamp"))
+    running = status.get("phase") not in _TERMINAL_PHASES
     ips = [p["ip"] for p in status.get("podIPs") or []] or (
         [status["podIP"]] if status.get("podIP") else []
     )
-    return [(pack_ip(ip), info) for ip in ips]
+    return [(pack_ip(ip), info, created, running) for ip in ips]
 
 
-def _service(obj: Mapping[str, Any]) -> dict[tuple[bytes, int, int], ServiceInfo]:
+def _service_entries(obj: Mapping[str, Any]) -> tuple[Entry, ...]:
     namespace, name = _meta(obj)
     spec = obj.get("spec") or {}
     cluster_ips = spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
-    out = {}
+    out = []
     for ip in cluster_ips:
         if ip == "None":  # headless
             continue
         packed = pack_ip(ip)
         for port in spec.get("ports") or []:
             protocol = PROTOCOL_NUMBERS.get(port.get("protocol", "TCP"), 6)
-            out[(packed, int(port["port"]), protocol)] = ServiceInfo(
-                namespace, name, port.get("name") or ""
-            )
-    return out
+            info = ServiceInfo(namespace, name, port.get("name") or "")
+            out.append(("service", (packed, int(port["port"]), protocol), info))
+    return tuple(out)
 
 
 def _policy_rules(obj: Mapping[str, Any], policy_type: int) -> list[PolicyRule]:

@@ -1,7 +1,13 @@
 """Certificates (a CA, and server and client certificates it signs) and TLS contexts."""
 
 from .certificates import CertificateAuthority, IssuedCertificate, write_pem_files
-from .contexts import TLSFileError, check_pem_files, client_context, server_context
+from .contexts import (
+    TLSFileError,
+    check_pem_files,
+    client_context,
+    client_context_from_pem,
+    server_context,
+)
 
 __all__ = [
     "CertificateAuthority",
@@ -9,6 +15,7 @@ __all__ = [
     "TLSFileError",
     "check_pem_files",
     "client_context",
+    "client_context_from_pem",
     "server_context",
     "write_pem_files",
 ]

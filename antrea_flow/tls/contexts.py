@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import ssl
+import tempfile
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -71,3 +73,20 @@ def client_context(
     if cert_file is not None:
         context.load_cert_chain(cert_file, key_file)
     return context
+
+
+def client_context_from_pem(
+    ca: bytes, cert: bytes, key: bytes, labels: tuple[str, str, str]
+) -> ssl.SSLContext:
+    """An exporter's context from PEM data (fetched, not read from files); `labels` name
+    the three in messages. The key passes through a private temporary directory, as the
+    ssl module loads keys only from files."""
+    with tempfile.TemporaryDirectory(prefix="antrea-flow-tls-") as directory:
+        paths = [Path(directory) / name for name in ("ca.crt", "tls.crt", "tls.key")]
+        for path, data in zip(paths, (ca, cert, key), strict=True):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        ca_file, cert_file, key_file = (str(p) for p in paths)
+        check_pem_files(ca_file, cert_file, key_file, labels)
+        return client_context(ca_file, cert_file, key_file)

@@ -85,3 +85,24 @@ def classify_refusal(exc: BaseException) -> tuple[str, str]:
             "server name it expects)"
         )
     return "tls_error", f"TLS handshake failed: {reason}"
+
+
+# What a client sees when the certificates are the problem: it does not trust the server's
+# (the collector's CA changed), or the server refused its own (alerts).
+_CERTIFICATE_FAILURES = (
+    "CERTIFICATE_VERIFY_FAILED",
+    "UNKNOWN_CA",
+    "BAD_CERTIFICATE",
+    "CERTIFICATE_EXPIRED",
+    "CERTIFICATE_REVOKED",
+    "CERTIFICATE_UNKNOWN",
+    "CERTIFICATE_REQUIRED",
+    "UNSUPPORTED_CERTIFICATE",
+)
+
+
+def is_certificate_failure(exc: BaseException) -> bool:
+    """A failed client handshake (or a session refused right after it) that fresh
+    certificates may cure."""
+    text = str(exc).upper()
+    return any(failure in text for failure in _CERTIFICATE_FAILURES)

@@ -347,6 +347,7 @@ def test_the_poll_and_deny_threads_each_enrich_with_their_own_enricher(tmp_path)
 
     from antrea_flow.exporter.agent import Agent
     from antrea_flow.exporter.config import load_agent_config
+    from antrea_flow.k8s.stores import DELETED_POD_RETENTION
 
     inventory = tmp_path / "inventory.yaml"
     inventory.write_text(yaml.safe_dump({"kind": "List", "items": OBJECTS}))
@@ -361,7 +362,8 @@ def test_the_poll_and_deny_threads_each_enrich_with_their_own_enricher(tmp_path)
             }
         )
     )
-    agent = Agent(load_agent_config(config), "node-1")
+    now = [1000.0]
+    agent = Agent(load_agent_config(config), "node-1", clock=lambda: now[0])
     agent.refresh_metadata()
     poll_enricher, deny_enricher = agent.store.enrich, agent.denied.enrich
     assert poll_enricher is not deny_enricher
@@ -392,7 +394,9 @@ def test_the_poll_and_deny_threads_each_enrich_with_their_own_enricher(tmp_path)
         done.set()
         thread.join()
     assert not failures, failures[0]
-    agent.metadata.replace(OBJECTS[:3])  # web is gone
+    agent.metadata.replace(OBJECTS[:3])  # web is gone (and resolves a while longer)
+    now[0] += DELETED_POD_RETENTION + 1
+    agent.metadata.expire()
     for enricher in (poll_enricher, deny_enricher):
         meta = enricher(conntrack_entry("10.10.1.5", "10.10.1.6", sport=9))
         assert meta.source_pod.name == "client" and meta.destination_pod is None

@@ -7,6 +7,7 @@ import pytest
 from agentkit import ip
 
 from antrea_flow.k8s.stores import (
+    DELETED_POD_RETENTION,
     RULE_IDS_ANNOTATION,
     MetadataStore,
     PodInfo,
@@ -26,7 +27,16 @@ def node(name, *cidrs, address="192.168.77.10"):
     }  # fmt: skip
 
 
-def pod(namespace, name, node_name, *ips, host_network=False, labels=None, pod_ip_only=False):
+def pod(
+    namespace,
+    name,
+    node_name,
+    *ips,
+    host_network=False,
+    labels=None,
+    pod_ip_only=False,
+    created=None,
+):
     status = {"phase": "Running"}
     if ips:
         status["podIP"] = ips[0]
@@ -38,10 +48,11 @@ def pod(namespace, name, node_name, *ips, host_network=False, labels=None, pod_i
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"namespace": namespace, "name": name, "labels": labels or {}},
+        "metadata": {"namespace": namespace, "name": name, "labels": labels or {},
+                     **({"creationTimestamp": created} if created else {})},
         "spec": spec,
         "status": status,
-    }
+    }  # fmt: skip
 
 
 def service(namespace, name, *cluster_ips, ports, single_ip_field=False):
@@ -78,10 +89,10 @@ def k8s_np(namespace, name, ids, ingress=None, egress=None):
 def test_nodes_keep_pod_cidrs_and_ip_addresses():
     store = MetadataStore()
     store.replace([node("node-1", "10.10.1.0/24", "fd00:10:10:1::/64"), node("node-2")])
-    n1 = store.nodes["node-1"]
+    n1 = store.node("node-1")
     assert [str(c) for c in n1.pod_cidrs] == ["10.10.1.0/24", "fd00:10:10:1::/64"]
     assert n1.addresses == ("192.168.77.10",)  # the Hostname address is not an IP
-    assert store.nodes["node-2"].pod_cidrs == ()
+    assert store.node("node-2").pod_cidrs == ()
 
 
 def test_node_with_only_the_legacy_pod_cidr_field():
@@ -89,7 +100,7 @@ def test_node_with_only_the_legacy_pod_cidr_field():
     obj["spec"] = {"podCIDR": "10.10.1.0/24"}
     store = MetadataStore()
     store.upsert(obj)
-    assert [str(c) for c in store.nodes["node-1"].pod_cidrs] == ["10.10.1.0/24"]
+    assert [str(c) for c in store.node("node-1").pod_cidrs] == ["10.10.1.0/24"]
 
 
 def test_pods_by_packed_ip_for_every_pod_ip_of_a_dual_stack_pod():
@@ -351,7 +362,7 @@ def test_a_malformed_object_is_ignored_with_a_warning_and_the_others_are_kept(ba
     store = MetadataStore()
     with caplog.at_level(logging.WARNING, logger="antrea_flow.k8s.stores"):
         store.replace([good[0], good[1], bad, good[2], good[3]])
-    assert "node-1" in store.nodes
+    assert store.node("node-1") is not None
     assert store.pod(ip("10.10.1.6")).name == "web"
     assert store.service(ip("10.96.0.10"), 80, 6).name == "web"
     assert store.rule(101).policy_name == "np"
@@ -361,39 +372,132 @@ def test_a_malformed_object_is_ignored_with_a_warning_and_the_others_are_kept(ba
     assert store.pod(ip("10.10.1.8")) is None
     assert store.service(ip("10.96.0.50"), 80, 6) is None
     assert 55 not in store.rules
-    assert "node-9" not in store.nodes
+    assert store.node("node-9") is None
 
 
 # -- feeding -----------------------------------------------------------------------------
 
 
 def test_upsert_remove_replace_and_the_version_counter():
-    store = MetadataStore()
+    now = [1000.0]
+    store = MetadataStore(clock=lambda: now[0])
     version = store.version
     web = pod("default", "web", "node-1", "10.10.1.6")
     store.upsert(web)
     assert store.version == version + 1
     assert store.pod(ip("10.10.1.6")).name == "web"
+    store.upsert(pod("default", "web", "node-1", "10.10.1.6"))  # a status change elsewhere
+    assert store.version == version + 1  # nothing a lookup sees changed
 
     moved = pod("default", "web", "node-1", "10.10.1.16")  # same object, new IP
     store.upsert(moved)
     assert store.version == version + 2
-    assert store.pod(ip("10.10.1.6")) is None
     assert store.pod(ip("10.10.1.16")).name == "web"
+    assert store.pod(ip("10.10.1.6")).name == "web"  # for connections it had there
 
     store.upsert(pod("default", "db", "node-2", "10.10.2.7"))
     store.remove({"kind": "Pod", "metadata": {"namespace": "default", "name": "web"}})
     assert store.version == version + 4
-    assert store.pod(ip("10.10.1.16")) is None
     assert store.pod(ip("10.10.2.7")).name == "db"
 
     store.remove({"kind": "Pod", "metadata": {"namespace": "default", "name": "absent"}})
+    assert store.version == version + 4
     assert store.pod(ip("10.10.2.7")).name == "db"
 
     store.replace([node("node-1", "10.10.1.0/24")])
     assert store.version == version + 6
+    assert [n.name for n in store.nodes] == ["node-1"]
+    assert store.pod(ip("10.10.1.16")).name == "web"  # gone, within the retention
+    now[0] += DELETED_POD_RETENTION + 1
+    assert store.pod(ip("10.10.1.16")) is None
+    assert store.pod(ip("10.10.2.7")) is None
+    store.expire()  # frees them
     assert store.pods_by_ip == {}
-    assert list(store.nodes) == ["node-1"]
+    assert store.counts.pod_ips == 0 and store.counts.nodes == 1
+
+
+def test_a_deleted_pod_resolves_for_five_minutes_and_not_after():
+    now = [1000.0]
+    store = MetadataStore(clock=lambda: now[0])
+    web = pod("default", "web", "node-1", "10.10.1.6", created="1970-01-01T00:10:00Z")
+    store.apply([("ADDED", web)])
+    now[0] = 2000.0
+    store.apply([("DELETED", web)])
+    now[0] = 2000.0 + DELETED_POD_RETENTION - 1
+    assert store.pod(ip("10.10.1.6")).name == "web"
+    assert store.pod(ip("10.10.1.6"), at=1500.0).name == "web"
+    now[0] = 2000.0 + DELETED_POD_RETENTION + 1
+    assert store.pod(ip("10.10.1.6")) is None
+    assert store.pod(ip("10.10.1.6"), at=1500.0) is None
+
+
+def test_a_reused_pod_ip_resolves_by_the_flows_start_time():
+    now = [1000.0]
+    store = MetadataStore(clock=lambda: now[0])
+    old = pod("default", "old", "node-1", "10.10.1.6", created="1970-01-01T00:10:00Z")  # 600
+    new = pod("default", "new", "node-1", "10.10.1.6", created="1970-01-01T00:16:40Z")  # 1000
+    store.apply([("ADDED", old)])
+    now[0] = 990.0
+    store.apply([("DELETED", old)])
+    now[0] = 1000.0
+    store.apply([("ADDED", new)])
+    assert store.pod(ip("10.10.1.6")).name == "new"  # now
+    assert store.pod(ip("10.10.1.6"), at=700.0).name == "old"  # a flow that began then
+    assert store.pod(ip("10.10.1.6"), at=1001.0).name == "new"
+    # Before any Pod held it: the clocks disagree; the first holder is the best guess.
+    assert store.pod(ip("10.10.1.6"), at=100.0).name == "old"
+    # After the only holder ended, nobody had it.
+    store.apply([("DELETED", new)])
+    assert store.pod(ip("10.10.1.6"), at=1200.0) is None
+
+
+def test_a_finished_pod_releases_its_ip_like_a_deleted_one():
+    now = [1000.0]
+    store = MetadataStore(clock=lambda: now[0])
+    job = pod("batch", "job", "node-1", "10.10.1.8", created="1970-01-01T00:10:00Z")
+    store.apply([("ADDED", job)])
+    done = pod("batch", "job", "node-1", "10.10.1.8", created="1970-01-01T00:10:00Z")
+    done["status"]["phase"] = "Succeeded"
+    now[0] = 1100.0
+    store.apply([("MODIFIED", done)])
+    assert store.pod(ip("10.10.1.8"), at=900.0).name == "job"
+    assert store.pod(ip("10.10.1.8"), at=1200.0) is None
+    now[0] = 1100.0 + DELETED_POD_RETENTION + 1
+    assert store.pod(ip("10.10.1.8")) is None
+
+
+def test_replace_of_some_kinds_keeps_the_others():
+    store = MetadataStore()
+    store.replace(
+        [node("node-1", "10.10.1.0/24", address="192.168.77.11"),
+         pod("default", "web", "node-1", "10.10.1.6"),
+         k8s_np("default", "np", {"ingress": [101]}, ingress=[{}])]
+    )  # fmt: skip
+    store.replace([], kinds=[("", "Node")])  # a relist of Nodes that finds none
+    assert store.nodes == () and store.node_name_of(ip("192.168.77.11")) is None
+    assert store.pod(ip("10.10.1.6")).name == "web"
+    assert store.rule(101).policy_name == "np"
+
+
+def test_node_addresses_name_their_node():
+    store = MetadataStore()
+    store.upsert(node("node-1", "10.10.1.0/24", address="192.168.77.11"))
+    assert store.node_name_of(ip("192.168.77.11")) == "node-1"
+    store.upsert(node("node-1", "10.10.1.0/24", address="192.168.77.21"))
+    assert store.node_name_of(ip("192.168.77.11")) is None
+    assert store.node_name_of(ip("192.168.77.21")) == "node-1"
+
+
+def test_each_watch_event_touches_only_its_objects_entries():
+    """Churn is not quadratic: an event re-derives only its own object."""
+    store = MetadataStore()
+    store.replace([pod("ns", f"p{i}", "node-1", f"10.10.{i // 250}.{i % 250 + 1}")
+                   for i in range(2000)])  # fmt: skip
+    before = dict(store.pods_by_ip)
+    store.apply([("MODIFIED", pod("ns", "p7", "node-2", "10.10.0.8"))])
+    changed = [k for k, v in store.pods_by_ip.items() if before.get(k) is not v]
+    assert changed == [ip("10.10.0.8")]
+    assert store.pod(ip("10.10.0.8")).node_name == "node-2"
 
 
 def test_objects_of_different_kinds_with_the_same_name_do_not_replace_each_other():

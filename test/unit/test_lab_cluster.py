@@ -787,8 +787,8 @@ def test_default_inventory_pods_nodes_services_round_trip(default):
         assert store.pod(pack_ip(p.addresses[4])) == info
         assert store.pod(pack_ip(p.addresses[6])) == info
     assert len(store.pods_by_ip) == 10
-    assert store.nodes["node-1"].pod_cidrs == default.node("node-1").pod_cidrs
-    assert store.nodes["node-2"].addresses == (
+    assert store.node("node-1").pod_cidrs == default.node("node-1").pod_cidrs
+    assert store.node("node-2").addresses == (
         default.node("node-2").address(4),
         default.node("node-2").address(6),
     )
