@@ -312,6 +312,10 @@ class Agent:
             await self.exporter.stop()
             self._close_dumper()
 
+    def ready(self) -> bool:
+        """/readyz: the agent has read the conntrack table once (on the loop)."""
+        return self.store.stats.polls > 0
+
     def _close_dumper(self) -> None:
         if self._dumper is not None:
             self._dumper.close()
@@ -456,5 +460,5 @@ def main(args) -> int:
         config.poll_interval,
         config.collector,
     )
-    asyncio.run(run_until_signalled(agent.run, agent.registry, config.metrics_address))
+    asyncio.run(run_until_signalled(agent.run, agent.registry, config.metrics_address, agent.ready))
     return 0

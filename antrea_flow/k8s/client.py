@@ -44,6 +44,8 @@ def api_connection(
     configuration = client.Configuration()
     if kubeconfig:
         try:
+            with open(kubeconfig, "rb"):  # the client says "no configuration found" for any of it
+                pass
             config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
         except (ConfigException, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

@@ -108,7 +108,7 @@ def test_nested_section_with_enable_only(write, tmp_path):
     assert config.poll_interval == 5.0
 
 
-def test_nested_enable_with_tls_needs_a_certificate_directory(write):
+def test_nested_enable_with_tls_needs_a_certificate_directory(write, outside_a_pod):
     message = config_error(write("flowExporter:\n  enable: true\n"))
     assert "tlsCertDir" in message
 
@@ -185,7 +185,7 @@ def test_grpc_is_named_as_the_rejected_protocol(write):
     assert "'grpc'" in message
 
 
-def test_tls_needs_a_certificate_directory_when_the_exporter_is_on(write):
+def test_tls_needs_a_certificate_directory_when_the_exporter_is_on(write, outside_a_pod):
     message = config_error(write("featureGates:\n  FlowExporter: true\n"))
     assert "tlsCertDir" in message
     assert "''" in message
@@ -575,3 +575,66 @@ def test_files_no_one_writes_by_hand_still_get_a_one_line_error(tmp_path, data, 
     path.write_bytes(data)
     message = config_error(path)
     assert said in message and len(message) < 600, message
+
+
+# -- the Kubernetes API ------------------------------------------------------------------
+
+
+@pytest.fixture
+def outside_a_pod(monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+
+
+def test_client_connection_kubeconfig_is_antreas_key(write, outside_a_pod):
+    config = load_agent_config(
+        write(
+            "featureGates: {FlowExporter: true}\n"
+            "clientConnection:\n  kubeconfig: /etc/antrea/kubeconfig\n"
+            "  acceptContentTypes: application/json\n  qps: 50\n  burst: 100\n"
+            "metadataSyncTimeout: 5s\n"
+        )
+    )
+    assert config.kubeconfig == "/etc/antrea/kubeconfig"
+    assert config.metadata_sync_timeout == 5.0
+    assert config.tls_cert_dir == ""  # the certificates come through the API
+
+
+def test_the_metadata_waits_half_a_minute_by_default(write):
+    assert load_agent_config(write("")).metadata_sync_timeout == 30.0
+
+
+def test_an_unknown_client_connection_key_is_named(write):
+    message = config_error(write("clientConnection:\n  kubeconfg: /x\n"))
+    assert "clientConnection.kubeconfg" in message and "clientConnection.kubeconfig" in message
+
+
+def test_tls_in_a_pod_needs_no_certificate_directory(write, monkeypatch):
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    config = load_agent_config(write("featureGates: {FlowExporter: true}\n"))
+    assert config.collector.protocol == "tls" and config.tls_cert_dir == ""
+
+
+def test_tls_outside_a_pod_without_api_or_directory_says_both(write, outside_a_pod):
+    message = config_error(write("featureGates: {FlowExporter: true}\n"))
+    assert "tlsCertDir" in message and "clientConnection.kubeconfig" in message
+
+
+def test_an_unusable_kubeconfig_stops_the_agent_naming_the_key(write, tmp_path, outside_a_pod):
+    bad = tmp_path / "kubeconfig"
+    bad.write_text("apiVersion: v1\nkind: Config\nclusters: []\n")
+    config = load_agent_config(
+        write(f"featureGates: {{FlowExporter: true}}\nclientConnection: {{kubeconfig: {bad}}}\n")
+    )
+    with pytest.raises(ConfigError) as info:
+        agent.Agent(config, "node-1")
+    message = str(info.value)
+    assert message.startswith(f"clientConnection.kubeconfig: '{bad}' cannot be used")
+    assert "kubeconfig file" in message
+    missing = tmp_path / "absent"
+    config = load_agent_config(
+        write(
+            f"featureGates: {{FlowExporter: true}}\nclientConnection: {{kubeconfig: {missing}}}\n"
+        )
+    )
+    with pytest.raises(ConfigError, match="No such file"):
+        agent.Agent(config, "node-1")

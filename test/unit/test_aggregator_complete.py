@@ -39,6 +39,16 @@ items:
   metadata: {namespace: backend, name: unlabelled}
   spec: {nodeName: node-2}
   status: {podIP: 10.10.2.8}
+- apiVersion: v1
+  kind: Node
+  metadata: {name: node-2}
+  spec: {podCIDRs: [10.10.2.0/24]}
+  status: {addresses: [{type: InternalIP, address: 192.168.77.12}]}
+- apiVersion: v1
+  kind: Service
+  metadata: {namespace: backend, name: web}
+  spec: {clusterIPs: [10.96.0.10], ports: [{name: http, port: 80}, {name: dns, port: 53,
+         protocol: UDP}]}
 """
 
 
@@ -171,6 +181,52 @@ def test_a_pod_without_labels_gets_no_labels_field(aggregator):
     aggregator._complete(record)
     assert record["destinationPodName"] == "unlabelled"
     assert "destinationPodLabels" not in record
+
+
+def test_a_node_address_names_its_node(aggregator):
+    record = exported(sourceIPv4Address="192.168.77.12")  # host traffic of node-2
+    aggregator._complete(record)
+    assert record["sourceNodeName"] == "node-2" and record["sourcePodName"] == ""
+
+
+def test_a_missing_service_port_name_is_filled_from_the_services(aggregator):
+    record = exported(destinationClusterIPv4="10.96.0.10", destinationServicePort=53,
+                      protocolIdentifier=17, destinationServicePortName="")  # fmt: skip
+    aggregator._complete(record)
+    assert record["destinationServicePortName"] == "backend/web:dns"
+    kept = exported(destinationClusterIPv4="10.96.0.10", destinationServicePort=80,
+                    protocolIdentifier=6, destinationServicePortName="as/agent:saw")  # fmt: skip
+    aggregator._complete(kept)
+    assert kept["destinationServicePortName"] == "as/agent:saw"
+    unknown = exported(destinationClusterIPv4="10.96.0.10", destinationServicePort=8443,
+                       protocolIdentifier=6, destinationServicePortName="")  # fmt: skip
+    aggregator._complete(unknown)
+    assert unknown["destinationServicePortName"] == ""
+
+
+def test_a_reused_pod_ip_is_named_by_the_flows_start_time(aggregator, clock):
+    store = aggregator.metadata
+
+    def job(name: str, created: str) -> dict:
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"namespace": "jobs", "name": name, "creationTimestamp": created},
+            "spec": {"nodeName": "node-1"},
+            "status": {"podIP": "10.10.1.77"},
+        }
+
+    old = job("old", "1970-01-01T00:01:40Z")  # 100
+    new = job("new", "1970-01-01T00:16:00Z")  # 960
+    store.apply([("ADDED", old)])
+    clock.now = 950.0
+    store.apply([("DELETED", old), ("ADDED", new)])
+    late = exported(sourceIPv4Address="10.10.1.77", flowStartSeconds=500)
+    aggregator._complete(late)
+    assert late["sourcePodName"] == "old"  # the flow began before the IP was reused
+    fresh = exported(sourceIPv4Address="10.10.1.77", flowStartSeconds=980)
+    aggregator._complete(fresh)
+    assert fresh["sourcePodName"] == "new"
 
 
 def agent_record(side: str, end: int, packets: int) -> dict:

@@ -475,3 +475,21 @@ def test_the_flow_collector_tls_section_is_read_like_any_other(load):
     assert (
         "flowCollector.tls.enabel" in message and "did you mean flowCollector.tls.enable" in message
     )
+
+
+def test_the_kubernetes_api_keys(load):
+    assert load("").kubeconfig == "" and load("").metadata_sync_timeout == 30.0
+    config = load(
+        """\
+        clientConnection:
+          kubeconfig: /etc/flow-aggregator/kubeconfig
+          qps: 20
+        metadataSyncTimeout: 0s
+        """
+    )
+    assert config.kubeconfig == "/etc/flow-aggregator/kubeconfig"
+    assert config.metadata_sync_timeout == 0.0
+    message = error_of(load, "clientConnection: /etc/kubeconfig\n")
+    assert "clientConnection: '/etc/kubeconfig' is not a mapping" in message
+    message = error_of(load, "metadataSyncTimeout: soon\n")
+    assert "metadataSyncTimeout: 'soon' is not a duration" in message
