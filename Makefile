@@ -17,7 +17,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := iproute2 iptables nftables conntrack tshark softflowd iperf3 procps \
 	libnetfilter-queue-dev build-essential python3-venv python3-dev
 
-.PHONY: setup system-packages quickstart test bench lint fuzz
+.PHONY: setup system-packages quickstart test bench lint fuzz manifests
 
 setup: system-packages $(STAMP)
 
@@ -46,6 +46,10 @@ test: setup
 
 bench: setup
 	@for b in test/bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# build/yamls/ from build/generate.py and the default config files (a test checks they agree).
+manifests: setup
+	$(PY) build/generate.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

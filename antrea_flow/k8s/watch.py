@@ -201,7 +201,7 @@ class ApiSource:
         self.store.apply(("ADDED", obj) for obj in objects)
         if seen is not None:
             self.store.remove_absent({(resource.group, resource.kind)}, seen)
-            self._recovered()
+            self._recovered(resource)
             self._mark_synced(resource)
 
     def _applied(self, resource: Resource, events: list[tuple[str, dict[str, Any]]]) -> None:
@@ -210,7 +210,7 @@ class ApiSource:
         self.stats.events[label] = self.stats.events.get(label, 0) + len(events)
 
     def _watching(self, resource: Resource) -> None:
-        self._recovered()
+        self._recovered(resource)
 
     def _dropped(self, resource: Resource, reason: str) -> None:
         stats = self.stats
@@ -260,7 +260,9 @@ class ApiSource:
             self._logged.add(key)
             log.error("%s; retrying", failure.message)
 
-    def _recovered(self) -> None:
+    def _recovered(self, resource: Resource) -> None:
+        """A request of `resource` succeeded: the server is back, and a failure of this
+        resource is worth a line again if it comes back."""
         if self.outage_since is not None:
             log.info(
                 "kubernetes API server %s is reachable again after %.0fs",
@@ -268,7 +270,7 @@ class ApiSource:
                 time.monotonic() - self.outage_since,
             )
             self.outage_since = None
-        self._logged = {k for k in self._logged if k[0] == "absent"}
+        self._logged = {k for k in self._logged if k[0] == "absent" or k[1] != resource.label}
 
     def _announce_sync(self) -> None:
         assert self._synced is not None

@@ -65,6 +65,7 @@ class Request:
     name: str
     status: int
     version: int = 0  # the resourceVersion a watch started from
+    user: str = ""  # whose token it carried
 
 
 def _status(code: int, reason: str, message: str) -> dict[str, Any]:
@@ -79,7 +80,7 @@ class FakeApiServer:
     def __init__(self, port: int = 0, *, served: Iterable[str] = tuple(COLLECTIONS)):
         self.port = port
         self.served = set(served)
-        self.tokens = {TOKEN}
+        self.tokens = {TOKEN: USER}  # bearer token -> user
         self.denied: set[tuple[str, str]] = set()  # (verb, resource) answered 403
         self.bookmark_interval = 0.2
         self.max_watch_seconds: float | None = None  # shortens every watch
@@ -289,8 +290,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _refuse(self, request: Request | None) -> bool:
         """401/403/404 answers; True when one was sent."""
         api = self.api
-        auth = self.headers.get("Authorization", "")
-        if auth.removeprefix("Bearer ") not in api.tokens:
+        if self._user() is None:
             self._finish(request, 401, _status(401, "Unauthorized", "Unauthorized"))
             return True
         if request is None:
@@ -305,16 +305,22 @@ class _Handler(BaseHTTPRequestHandler):
             plural, _, group = request.resource.partition(".")
             scope = (f'in the namespace "{request.namespace}"' if request.namespace
                      else "at the cluster scope")  # fmt: skip
-            message = (f'{plural} is forbidden: User "{USER}" cannot {request.verb} resource '
+            who, verb = self._user(), request.verb
+            message = (f'{plural} is forbidden: User "{who}" cannot {verb} resource '
                        f'"{plural}" in API group "{group}" {scope}')  # fmt: skip
             self._finish(request, 403, _status(403, "Forbidden", message))
             return True
         return False
 
+    def _user(self) -> str | None:
+        token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+        return self.api.tokens.get(token)
+
     def _finish(self, request: Request | None, code: int, body: dict[str, Any]) -> None:
         if request is not None:
             self.api._log(Request(request.method, request.verb, request.resource,
-                                  request.namespace, request.name, code))  # fmt: skip
+                                  request.namespace, request.name, code, 0,
+                                  self._user() or ""))  # fmt: skip
         self._answer(code, body)
 
     def _request(self, verb_for_get: str | None = None) -> tuple[Request | None, dict[str, str]]:
@@ -352,7 +358,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._list(request, query)
         else:
             self.api._log(Request(request.method, "watch", request.resource, request.namespace,
-                                  "", 200, int(query.get("resourceVersion") or 0)))  # fmt: skip
+                                  "", 200, int(query.get("resourceVersion") or 0),
+                                  self._user() or ""))  # fmt: skip
             self._watch(request, query)
 
     def _list(self, request: Request, query: dict[str, str]) -> None:
