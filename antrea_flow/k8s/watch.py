@@ -15,6 +15,7 @@ raw mode cannot read the watch's ERROR events.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import json
@@ -40,6 +41,9 @@ LIST_PAGE = 500  # objects per list request (a large cluster's Pods in several a
 WATCH_SECONDS = (300, 600)
 WATCH_READ_SLACK = 60.0
 OPTIONAL_RETRY = 300.0  # how often an absent CRD is looked for again
+# What a watch thread hands over waits this long for what follows it: under churn the loop
+# then wakes about a hundred times a second, not once per event.
+HANDOFF_DELAY = 0.01
 DEFAULT_SYNC_TIMEOUT = 30.0
 
 
@@ -339,12 +343,18 @@ def metadata_metrics(prefix: str, store: MetadataStore, source: ApiSource | None
 
 
 class _Watch:
-    """The thread that lists and watches one resource for an ApiSource."""
+    """The thread that lists and watches one resource for an ApiSource.
+
+    It hands its results to the loop in order through `_handed`, a queue this thread appends
+    to and the loop drains (`_drain`, scheduled once per HANDOFF_DELAY while results come).
+    """
 
     def __init__(self, source: ApiSource, resource: Resource, loop: asyncio.AbstractEventLoop):
         self.source = source
         self.resource = resource
         self._loop = loop
+        self._handed: collections.deque[tuple[Callable[..., None], tuple]] = collections.deque()
+        self._drain_due = False  # set by this thread, cleared by the loop
         self._list = resource.list_function(source.connection)
         self._stopping = threading.Event()
         self._response: Any = None
@@ -364,11 +374,25 @@ class _Watch:
                     sock.shutdown(socket.SHUT_RDWR)
 
     def _hand(self, method: Callable[..., None], *args: Any) -> None:
-        if not self._stopping.is_set():
+        """Have the loop call `method(*args)`, after what was handed before."""
+        if self._stopping.is_set():
+            return
+        self._handed.append((method, args))
+        if not self._drain_due:
+            self._drain_due = True
             try:
-                self._loop.call_soon_threadsafe(method, *args)
+                self._loop.call_soon_threadsafe(self._loop.call_later, HANDOFF_DELAY, self._drain)
             except RuntimeError:  # the loop has closed
                 self._stopping.set()
+
+    def _drain(self) -> None:
+        """On the loop: everything handed so far, in order. The flag is cleared first, so a
+        result appended after the last one taken here schedules a drain of its own."""
+        self._drain_due = False
+        handed = self._handed
+        while handed:
+            method, args = handed.popleft()
+            method(*args)
 
     def _run(self) -> None:
         initial, most = self.source._backoff

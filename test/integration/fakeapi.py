@@ -13,6 +13,7 @@ namespace, name), which the RBAC test checks against the manifests.
 
 from __future__ import annotations
 
+import bisect
 import json
 import socket
 import threading
@@ -341,7 +342,33 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- verbs --------------------------------------------------------------------------------
 
+    def _discovery(self) -> dict[str, Any] | None:
+        """What kubectl asks first: the API's groups and resources (only what is served)."""
+        path = urllib.parse.urlsplit(self.path).path.rstrip("/")
+        served = [(n, *COLLECTIONS[n]) for n in sorted(self.api.served)]
+        groups = sorted({v.rpartition("/")[0]: v for _, _, v, _ in served if "/" in v}.items())
+        if path == "/api":
+            return {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}
+        if path == "/apis":
+            return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+                {"name": g, "versions": [{"groupVersion": v, "version": v.partition("/")[2]}],
+                 "preferredVersion": {"groupVersion": v, "version": v.partition("/")[2]}}
+                for g, v in groups]}  # fmt: skip
+        for group_version in ["v1"] + [v for _, v in groups]:
+            prefix = "/api/" if group_version == "v1" else "/apis/"
+            if path == prefix + group_version:
+                return {"kind": "APIResourceList", "apiVersion": "v1",
+                        "groupVersion": group_version, "resources": [
+                            {"name": n.partition(".")[0], "singularName": "", "namespaced": ns,
+                             "kind": kind, "verbs": ["get", "list", "watch"]}
+                            for n, kind, v, ns in served if v == group_version]}  # fmt: skip
+        return None
+
     def do_GET(self) -> None:
+        discovery = self._discovery() if self._user() is not None else None
+        if discovery is not None:
+            self._answer(200, discovery)
+            return
         request, query = self._request()
         if self._refuse(request):
             return
@@ -444,7 +471,8 @@ class _Handler(BaseHTTPRequestHandler):
                         self._chunk({"type": "ERROR", "object": _status(
                             410, "Expired", f"too old resource version: {since}")})  # fmt: skip
                         return
-                    pending = [e for e in api._events if e[0] > since and e[1] == request.resource]
+                    first = bisect.bisect_right(api._events, since, key=lambda e: e[0])
+                    pending = [e for e in api._events[first:] if e[1] == request.resource]
                     now = time.monotonic()
                     if pending or now >= deadline or (bookmarks and now >= next_bookmark):
                         break
