@@ -16,6 +16,7 @@ from cryptography import x509
 from prometheus_client import CollectorRegistry
 
 from ..codes import AGGREGATOR_SERVICE_NAME
+from ..configfile import ConfigError
 from ..errors import UsageError, cannot_listen
 from ..ipfix.address import is_ip
 from ..ipfix.antrea import FlowRecord
@@ -479,6 +480,8 @@ def main(args) -> int:
     config = load_aggregator_config(args.config)
     try:
         aggregator = Aggregator(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{args.config}: {exc}") from None
     except OSError as exc:
         raise UsageError(f"certDir {config.cert_dir}: {exc.strerror or exc}") from None
     asyncio.run(

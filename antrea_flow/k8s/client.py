@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import yaml
+
 from ..configfile import ConfigError
 
 if TYPE_CHECKING:  # the client is imported only by components that use the API
@@ -44,10 +46,17 @@ def api_connection(
     configuration = client.Configuration()
     if kubeconfig:
         try:
-            with open(kubeconfig, "rb"):  # the client says "no configuration found" for any of it
-                pass
+            # The client's own words for an unreadable file or one that is not a mapping
+            # ("no configuration found", a TypeError) say too little.
+            with open(kubeconfig, "rb") as f:
+                document = yaml.safe_load(f)
+            if not isinstance(document, dict):
+                raise ValueError(f"not a kubeconfig: a YAML {type(document).__name__}")
             config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-        except (ConfigException, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (
+            ConfigException, OSError, ValueError, TypeError, KeyError, AttributeError,
+            yaml.YAMLError,
+        ) as exc:  # fmt: skip
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise ConfigError(
                 f"{key}: {kubeconfig!r} cannot be used: {' '.join(reason.split())}; expected a "

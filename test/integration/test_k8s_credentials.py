@@ -272,3 +272,61 @@ def test_an_agent_fetches_its_certificate_and_completes_mutual_tls_with_the_aggr
     assert any("fetched the CA" in m for m in messages)
     files = sorted(p.name for p in (tmp_path / "certs").iterdir())
     assert files == ["ca.crt", "server.crt", "server.key"]  # the CA key stays in the API
+
+
+def test_an_agent_that_no_longer_trusts_the_aggregator_fetches_again(api, tmp_path, caplog):
+    """The aggregator comes back with a new CA (its Secret was lost): the agent's next
+    handshake fails on the server certificate, it fetches the credentials again and its
+    records arrive."""
+    caplog.set_level(logging.INFO)
+    port = free_port()
+    conf = tmp_path / "flow-aggregator.conf"
+    conf.write_text(
+        f"listenAddress: 127.0.0.1:{port}\n"
+        f"clientConnection: {{kubeconfig: {api.kubeconfig(tmp_path / 'kubeconfig')}}}\n"
+        f"certDir: {tmp_path / 'certs'}\n"
+        'metricsBindAddress: ""\n'
+        "stateDir: ''\n"
+    )
+    connection = connect(api, tmp_path)
+    record = {"sourceIPv4Address": "10.10.1.5", "destinationIPv4Address": "10.10.1.6",
+              "protocolIdentifier": 6, "flowEndReason": 3}  # fmt: skip
+
+    async def scenario() -> None:
+        exporter = ExportingProcess(
+            TransportAddress("127.0.0.1", port, "tls"),
+            exporter_templates(),
+            7,
+            tls_credentials=functools.partial(_fetch_tls_context, connection),
+            server_hostname="localhost",
+            backoff_initial=0.05,
+            backoff_max=0.2,
+        )
+        first = Aggregator(load_aggregator_config(conf))
+        stop = asyncio.Event()
+        task = asyncio.create_task(first.run(stop))
+        exporter.start()
+        exporter.add_mapping(256, record)
+        await eventually(lambda: first.store.stats.received == 1, "the first record")
+        stop.set()
+        await task
+        old_ca = api.get("secrets", NS, CA_SECRET)
+        api.delete(old_ca)  # the next aggregator makes a new CA
+        second = Aggregator(load_aggregator_config(conf))
+        stop = asyncio.Event()
+        task = asyncio.create_task(second.run(stop))
+        try:
+            failures = exporter.stats.connect_failures
+            exporter.add_mapping(256, record)
+            await eventually(lambda: second.store.stats.received >= 1, "a record after the new CA")
+            assert exporter.stats.connect_failures > failures
+        finally:
+            await exporter.stop()
+            stop.set()
+            await task
+
+    asyncio.run(scenario())
+    fetched = [r for r in caplog.records if "fetched the CA" in r.getMessage()]
+    assert len(fetched) == 2
+    verify = [r for r in caplog.records if "CERTIFICATE_VERIFY_FAILED" in r.getMessage()]
+    assert verify, "the agent saw the new server certificate fail to verify"

@@ -638,3 +638,18 @@ def test_an_unusable_kubeconfig_stops_the_agent_naming_the_key(write, tmp_path, 
     )
     with pytest.raises(ConfigError, match="No such file"):
         agent.Agent(config, "node-1")
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [("just a string\n", "not a kubeconfig: a YAML str"), ("a: [\n", "while parsing")],
+)
+def test_a_kubeconfig_that_is_not_one_is_named_with_its_problem(
+    write, tmp_path, outside_a_pod, content, problem
+):
+    bad = tmp_path / "kubeconfig"
+    bad.write_text(content)
+    config = load_agent_config(write(f"clientConnection: {{kubeconfig: {bad}}}\n"))
+    with pytest.raises(ConfigError) as info:
+        agent.Agent(config, "node-1")
+    assert problem in str(info.value) and "\n" not in str(info.value)
