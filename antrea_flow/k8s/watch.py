@@ -2,8 +2,9 @@
 resourceVersion (with bookmarks), each in a thread of its own.
 
 A watch thread owns only its HTTP stream, its resourceVersion and its backoff: everything
-it learns (objects, events, failures) it hands to the event loop that owns the store, so
-the store, the counters and the sync state change on that loop only. On `410 Gone` a kind
+it learns (objects, events, failures) it hands to the event loop that owns the store, in
+order and at most every 10 ms while it comes, so the store, the counters and the sync
+state change on that loop only. On `410 Gone` a kind
 is listed again and replaces what the store held of it; a dropped stream is watched again
 after a backoff; while the server cannot be reached the store keeps what it has.
 
@@ -129,8 +130,8 @@ class ApiSource:
     """Keeps a MetadataStore equal to what the API server holds of `resources`.
 
     Owned by the event loop `start` is called on: the store, `stats` and the sync state
-    change there only (each watch thread hands its results over with
-    `call_soon_threadsafe`). `stop` ends the threads.
+    change there only (each watch thread hands its results over in order, through a queue
+    the loop drains). `stop` ends the threads.
     """
 
     def __init__(
