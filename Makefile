@@ -13,13 +13,31 @@ STAMP := $(VENV)/.installed
 # Debian packages the product and its tests use: kernel tools for the lab and the agent
 # (iproute2, iptables, nftables, conntrack), tshark as the independent IPFIX decoder and
 # softflowd as an independent IPFIX exporter, iperf3 for traffic, libnetfilter-queue-dev
-# and a compiler for NetfilterQueue, and the Python venv/headers.
+# and a compiler for NetfilterQueue, the Python venv/headers, and for the eBPF counter path
+# BCC (python3-bpfcc) with Debian's kernel headers, which BCC compiles against.
 APT_PACKAGES := iproute2 iptables nftables conntrack tshark softflowd iperf3 procps \
-	libnetfilter-queue-dev build-essential python3-venv python3-dev
+	libnetfilter-queue-dev build-essential python3-venv python3-dev \
+	python3-bpfcc linux-headers-amd64
 
-.PHONY: setup system-packages quickstart test bench lint fuzz manifests
+.PHONY: setup system-packages kernel-headers quickstart test bench lint fuzz manifests
 
-setup: system-packages $(STAMP)
+setup: system-packages kernel-headers $(STAMP)
+	@# BCC is Debian's (its Python module binds the system's libbcc): the venv links it.
+	@site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))'); \
+	if [ -d /usr/lib/python3/dist-packages/bcc ] && [ ! -e $$site/bcc ]; then \
+		ln -s /usr/lib/python3/dist-packages/bcc $$site/bcc; fi
+
+# BCC finds headers at /lib/modules/$(uname -r)/build, and needs both halves of Debian's
+# split headers (the arch part there, the common part at `source`). A kernel that ships no
+# headers of its own gets links to Debian's generic ones: the counter uses only UAPI
+# structures, the same in every kernel.
+kernel-headers: system-packages
+	@release=$$(uname -r); dir=/lib/modules/$$release; \
+	arch=$$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -1); \
+	common=$$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -1); \
+	if [ ! -e $$dir/build ] && [ -n "$$arch" ] && [ -n "$$common" ]; then \
+		mkdir -p $$dir && ln -sfn $$arch $$dir/build && ln -sfn $$common $$dir/source && \
+		echo "linked $$dir/build -> $$arch and $$dir/source -> $$common"; fi
 
 system-packages:
 	@missing=""; for p in $(APT_PACKAGES); do \

@@ -489,6 +489,13 @@ class AggregationStore:
         reason = record.get("flowEndReason")
         if reason is not None and merged.get("flowEndReason") != END_OF_FLOW:
             merged["flowEndReason"] = reason
+        # What agents with the counter path saw of the packets, from either Node.
+        merged["tcpControlBits"] = merged.get("tcpControlBits", 0) | record.get("tcpControlBits", 0)
+        start_ms = record.get("flowStartMilliseconds", 0)
+        if start_ms and not 0 < merged.get("flowStartMilliseconds", 0) <= start_ms:
+            merged["flowStartMilliseconds"] = start_ms
+        if record.get("flowEndMilliseconds", 0) > merged.get("flowEndMilliseconds", 0):
+            merged["flowEndMilliseconds"] = record["flowEndMilliseconds"]
         if end >= merged.get("flowEndSeconds", 0):
             merged["flowEndSeconds"] = end
             merged["tcpState"] = record.get("tcpState", merged.get("tcpState", ""))
@@ -571,6 +578,12 @@ class AggregationStore:
         ] = address
         record["originalObservationDomainId"] = domain
         record["incomplete"] = flow.incomplete
+        # Agents without the counter path say when to the second.
+        if not record.get("flowStartMilliseconds"):
+            record["flowStartMilliseconds"] = record.get("flowStartSeconds", 0) * 1000
+        end_ms = record.get("flowEndSeconds", 0) * 1000
+        if record.get("flowEndMilliseconds", 0) < end_ms:
+            record["flowEndMilliseconds"] = end_ms
         for rate in _THROUGHPUTS:
             value = record.get(rate, 0)
             if not 0 <= value <= MAX_UNSIGNED64:

@@ -16,6 +16,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Histogram
 
@@ -24,6 +25,9 @@ from ..configfile import ConfigError
 from ..conntrack import netns
 from ..conntrack.netlink import ConntrackDumper
 from ..conntrack.parser import ParseError, Parser
+from ..ebpf.attach import AttachError
+from ..ebpf.counter import PacketCounter
+from ..ebpf.program import LoadError
 from ..errors import UsageError
 from ..ipfix.address import is_ip
 from ..ipfix.antrea import exporter_templates
@@ -120,8 +124,17 @@ async def _fetch_tls_context(api: ApiConnection) -> ssl.SSLContext:
     return context
 
 
+class Dumper(Protocol):
+    """Where the conntrack table comes from (ConntrackDumper, or recorded dumps)."""
+
+    def dump(self) -> Any: ...
+
+    def close(self) -> None: ...
+
+
 class Agent:
-    """One node's flow exporter."""
+    """One node's flow exporter. Its parts can be given (a recorded conntrack dumper, a
+    packet counter): otherwise it builds them from the config."""
 
     def __init__(
         self,
@@ -131,6 +144,8 @@ class Agent:
         *,
         clock: Callable[[], float] = time.time,
         registry: CollectorRegistry | None = None,
+        dumper: Dumper | None = None,
+        counter: PacketCounter | None = None,
     ):
         self.config = config
         self.node_name = node_name
@@ -151,12 +166,20 @@ class Agent:
             else None
         )
         self._metadata_version = -1  # of the store when skipped entries were last rechecked
+        ebpf = config.ebpf
+        if counter is None and ebpf.enable:
+            counter = PacketCounter(
+                netns_name, ebpf.max_flows, ebpf.interfaces, config.host_gateway
+            )
+        self.counter = counter
+        self.packet_details = counter is not None
         self.store = ConnectionStore(
             Enricher(self.metadata, node_name),
             config.active_timeout,
             config.idle_timeout,
             config.conntrack_zone,
             config.protocol_filter,
+            counted=self.packet_details,
         )
         ssl_context = None
         tls_credentials = None
@@ -171,7 +194,7 @@ class Agent:
             server_name = AGGREGATOR_SERVICE_NAME if is_ip(host) else host
         self.exporter = ExportingProcess(
             config.collector,
-            exporter_templates(),
+            exporter_templates(self.packet_details),
             observation_domain_id(node_name),
             ssl_context=ssl_context,
             tls_credentials=tls_credentials,
@@ -203,8 +226,19 @@ class Agent:
         )
         self.metrics = OwnerCollector(self._metrics)
         self.registry.register(self.metrics)
+        self.eviction_duration = Histogram(
+            "antrea_agent_ebpf_eviction_duration_seconds",
+            "Time to take the counted flows out of the kernel and merge them across CPUs.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=self.registry,
+        )
+        self.ebpf_loaded = False
+        self.ebpf_load_failures = 0
+        self._next_eviction = 0.0
+        self._evicted: list[tuple[Any, float]] = []  # evictions not merged yet
+        self._wake = asyncio.Event()  # an early poll: the counter's map is full
         self.polls_failed = 0
-        self._dumper: ConntrackDumper | None = None
+        self._dumper: Dumper | None = dumper
         self._parser = Parser()
         self._table_count = 0
         self._table_max = 0
@@ -212,12 +246,19 @@ class Agent:
     # -- one cycle -------------------------------------------------------------------------
 
     def poll(self) -> int:
-        """Dump, parse and apply the table once (blocking); the number of entries."""
+        """Dump, parse and apply the table once (blocking); the number of entries. With
+        the counter path, its flows are taken first and merged after: a packet counted
+        between the two shows in conntrack's counters, never in neither."""
         if self._dumper is None:
             self._dumper = ConntrackDumper(self.netns_name, self.config.conntrack_zone)
+        self.evict_counted()
         started = time.perf_counter()
         dump = self._parser.parse(self._dumper.dump())
-        self.store.update(dump, self.clock())
+        now = self.clock()
+        self.store.update(dump, now)
+        for flows, clock_offset in self._evicted:
+            self.store.merge_counted(flows, clock_offset, now, self.denied.denies)
+        self._evicted.clear()
         self.poll_duration.observe(time.perf_counter() - started)
         try:
             self._table_count = int(
@@ -230,6 +271,47 @@ class Agent:
             pass
         return len(dump)
 
+    def evict_counted(self, force: bool = False) -> None:
+        """Take the counter's flows out of the kernel when due (every cacheActiveTimeout,
+        at once when its map is full, or `force`), to be merged by the next poll."""
+        counter = self.counter
+        if counter is None or not self.ebpf_loaded:
+            return
+        now = self.clock()
+        if force or counter.full or now >= self._next_eviction:
+            self._evicted.append(counter.evict())
+            self._next_eviction = now + self.config.ebpf.active_timeout
+            for seconds in counter.stats.durations:
+                self.eviction_duration.observe(seconds)
+            counter.stats.durations.clear()
+
+    async def _start_counter(self) -> None:
+        """Load and attach the counter path; a failure is one line and a metric, and the
+        agent goes on with conntrack alone."""
+        counter = self.counter
+        if counter is None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def wake() -> None:  # from the ring-buffer thread
+            loop.call_soon_threadsafe(self._wake.set)
+
+        counter.on_full = wake
+        try:
+            await loop.run_in_executor(None, counter.start)
+        except (LoadError, AttachError) as exc:
+            self.ebpf_load_failures += 1
+            log.error("eBPF packet counter not loaded: %s; counting with conntrack alone", exc)
+            return
+        self.ebpf_loaded = True
+        assert counter.interfaces is not None
+        log.info(
+            "eBPF packet counter loaded (%d flows, evicted every %gs), on %d interfaces",
+            counter.max_flows,
+            self.config.ebpf.active_timeout,
+            len(counter.interfaces.attached),
+        )
+
     def export_due(self, drain: bool = False) -> int:
         """Queue the records that are due now (with `drain`: all that is held); how many."""
         now = self.clock()
@@ -238,7 +320,7 @@ class Agent:
         else:
             exports = self.store.expire(now) + self.denied.expire(now)
         for export in exports:
-            template_id, record = flow_record(export, self.node_name)
+            template_id, record = flow_record(export, self.node_name, self.packet_details)
             self.exporter.add_mapping(template_id, record)
         return len(exports)
 
@@ -259,6 +341,7 @@ class Agent:
         self.refresh_metadata()  # a bad inventory stops start-up before any side effect
         enable_accounting(self.netns_name)
         self.exporter.start()
+        await self._start_counter()
         if self.watch is not None:
             self.watch.start()
             if self.config.metadata_sync_timeout > 0:
@@ -298,19 +381,34 @@ class Agent:
                 for due in (self.store.next_expiry(), self.denied.next_expiry()):
                     if due is not None:
                         wake = min(wake, due)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), max(0.0, wake - self.clock()))
+                if await self._sleep(stop, max(0.0, wake - self.clock())):
+                    next_poll = self.clock()  # the counter's map is full: evict now
         finally:
             if self.deny_queue is not None:
                 self.deny_queue.stop()
             if self.watch is not None:
                 await self.watch.stop()
-            # A last look at the table, then what it holds goes out before the exporter closes.
+            # A last look at the table (and the counter), then what it holds goes out
+            # before the exporter closes.
+            self._next_eviction = 0.0
             with contextlib.suppress(OSError, ParseError):
                 await loop.run_in_executor(None, self.poll)
             self.export_due(drain=True)
             await self.exporter.stop()
             self._close_dumper()
+            if self.counter is not None and self.ebpf_loaded:
+                await loop.run_in_executor(None, self.counter.stop)
+
+    async def _sleep(self, stop: asyncio.Event, seconds: float) -> bool:
+        """Until `stop`, an early poll or `seconds`; True for an early poll."""
+        self._wake.clear()
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+        return self._wake.is_set() and not stop.is_set()
 
     def ready(self) -> bool:
         """/readyz: the agent has read the conntrack table once (on the loop)."""
@@ -426,6 +524,77 @@ class Agent:
             self.exporter.queued,
         )
         yield from metadata_metrics("antrea_agent_", self.metadata, self.watch)
+        yield from self._ebpf_metrics(store)
+
+    def _ebpf_metrics(self, store):
+        """The counter path's families (on the loop; the counter's stats are written by
+        the poll worker, which the loop awaits, and read whole)."""
+        if self.counter is None:
+            return
+        stats = self.counter.stats
+        interfaces = self.counter.interfaces
+        yield gauge(
+            "antrea_agent_ebpf_loaded",
+            "1 while the eBPF packet counter is loaded and attached (ebpf.enable).",
+            float(self.ebpf_loaded),
+        )
+        yield counter(
+            "antrea_agent_ebpf_load_failures_total",
+            "Times the eBPF packet counter could not be loaded or attached.",
+            self.ebpf_load_failures,
+        )
+        yield gauge(
+            "antrea_agent_ebpf_interfaces",
+            "Interfaces the packet counter is attached to.",
+            len(interfaces.attached) if interfaces is not None else 0,
+        )
+        yield counter(
+            "antrea_agent_ebpf_evictions_total",
+            "Times the counted flows were taken out of the kernel.",
+            stats.evictions,
+        )
+        yield counter(
+            "antrea_agent_ebpf_evicted_flows_total", "Counted flows evicted.", stats.flows
+        )
+        yield counter(
+            "antrea_agent_ebpf_evicted_packets_total",
+            "Packets of the counted flows evicted.",
+            stats.packets,
+        )
+        yield gauge(
+            "antrea_agent_ebpf_map_fill_ratio",
+            "Entries of the flow map at the last eviction, over cacheMaxFlows.",
+            stats.fill,
+        )
+        yield labelled_counter(
+            "antrea_agent_ebpf_fallback_records_total",
+            "Packets the flow map had no room for, sent through the ring buffer, by error.",
+            "error",
+            dict(stats.fallback),
+        )
+        yield counter(
+            "antrea_agent_ebpf_lost_packets_total",
+            "Packets that found neither room in the flow map nor in the ring buffer.",
+            stats.lost,
+        )
+        yield counter(
+            "antrea_agent_ebpf_stale_slots_total",
+            "Per-CPU values left from before an eviction, discarded (old kernels only).",
+            stats.stale_slots,
+        )
+        yield labelled_counter(
+            "antrea_agent_ebpf_flows_merged_total",
+            "Counted flows merged into the connection store, by outcome.",
+            "outcome",
+            dict(store.counted_flows),
+            always=("matched", "untracked", "denied", "fragment", "protocol", "no_local_pod"),
+        )
+        yield counter(
+            "antrea_agent_ebpf_conntrack_disagreements_total",
+            "Ended connections whose packet counts by conntrack and by the counter differ "
+            "beyond the packets in flight between the two reads (one of them is wrong).",
+            store.disagreements,
+        )
 
 
 def main(args) -> int:

@@ -29,7 +29,6 @@ _ANTREA_AGENT_KEYS = {
     "ovsBridge",
     "ovsDatapathType",
     "ovsRunDir",
-    "hostGateway",
     "trafficEncapMode",
     "noSNAT",
     "tunnelType",
@@ -72,6 +71,16 @@ _ANTREA_AGENT_KEYS = {
 
 
 @dataclass(frozen=True, slots=True)
+class EbpfConfig:
+    """The `ebpf:` section: the per-flow packet counter in the kernel."""
+
+    enable: bool = False
+    interfaces: tuple[str, ...] = ()  # empty: the Pod-facing veths, followed
+    max_flows: int = 100_000  # cacheMaxFlows: entries of the kernel map
+    active_timeout: float = 5.0  # cacheActiveTimeout: how often the map is emptied
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     flow_exporter_enabled: bool
     collector: TransportAddress
@@ -86,6 +95,8 @@ class AgentConfig:
     deny_queue: int | None = None  # NFQUEUE of denied packets; None: not listening
     deny_record_rate: float = 5000.0  # denied packets recorded per second, at most
     replay_window: float = 90.0  # acknowledged records sent again to a reconnected collector
+    ebpf: EbpfConfig = EbpfConfig()
+    host_gateway: str = "antrea-gw0"  # Antrea's hostGateway: not a Pod's interface
     kubeconfig: str = ""  # clientConnection.kubeconfig: the API server to watch and ask
     metadata_sync_timeout: float = DEFAULT_SYNC_TIMEOUT  # wait at start for the first lists
 
@@ -149,6 +160,8 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
     inventory = reader.string("inventoryFile", "", "a path to a Kubernetes List YAML file")
     cert_dir = reader.string("tlsCertDir", "", "a directory holding ca.crt, tls.crt, tls.key")
     kubeconfig = read_kubeconfig(reader)
+    ebpf = _ebpf(reader.section("ebpf"))
+    gateway = reader.string("hostGateway", "antrea-gw0", "an interface name")
     sync_timeout = reader.duration("metadataSyncTimeout", DEFAULT_SYNC_TIMEOUT, minimum=0.0)
     metrics = reader.bind_address("metricsBindAddress", ":10351")
     protocols = reader.string_list("protocolFilter", None, PROTOCOLS)
@@ -184,4 +197,27 @@ def load_agent_config(path: str | os.PathLike) -> AgentConfig:
         replay_window=replay_window,
         kubeconfig=kubeconfig,
         metadata_sync_timeout=sync_timeout,
+        ebpf=ebpf,
+        host_gateway=gateway,
     )
+
+
+def _ebpf(section: ConfigReader | None) -> EbpfConfig:
+    if section is None:
+        return EbpfConfig()
+    default = EbpfConfig()
+    names = section.raw("interfaces")
+    if names is not None and (
+        not isinstance(names, list) or not all(isinstance(n, str) and n for n in names)
+    ):
+        raise section.error(
+            "interfaces", names, "is not a list of interface names", "a list such as [eth1]"
+        )
+    config = EbpfConfig(
+        enable=section.boolean("enable", default.enable),
+        interfaces=tuple(names or ()),
+        max_flows=section.integer("cacheMaxFlows", default.max_flows, 1024, 16_777_216),
+        active_timeout=section.duration("cacheActiveTimeout", default.active_timeout, 0.1),
+    )
+    section.reject_unknown()
+    return config

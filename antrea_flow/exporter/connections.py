@@ -72,6 +72,13 @@ class Connection:
     gone: bool = False  # no longer in the table
     finished: bool = False  # its end-of-flow record has been exported
     heap_deadline: float | None = None  # deadline of its one valid heap entry
+    # What the eBPF counter path saw of it (ebpf.enable).
+    tcp_flags: int = 0  # OR of the TCP flags of its packets
+    first_packet: float = 0.0  # times of its first and last packet (0: none seen)
+    last_packet: float = 0.0
+    counted_packets: int = 0  # its packets, both directions, as the TC program counted them
+    untracked: bool = False  # made from counted packets alone: conntrack has no entry
+    dialled: FlowKey[bytes] | None = None  # before DNAT (to a Service), when indexed so
 
 
 class Export(NamedTuple):
@@ -99,6 +106,8 @@ class StoreStats:
     ended: int = 0
     filtered: Counter[str] = field(default_factory=Counter)  # connections skipped, by reason
     exported: Counter[int] = field(default_factory=Counter)  # records by flowEndReason
+    counted_flows: Counter[str] = field(default_factory=Counter)  # eBPF flows, by outcome
+    disagreements: int = 0  # ended connections whose two counts differ beyond packets in flight
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +117,8 @@ class StoreCounts:
     connections: int = 0
     filtered: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     exported: Mapping[int, int] = field(default_factory=lambda: MappingProxyType({}))
+    counted_flows: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    disagreements: int = 0
 
 
 def handles(columns: dict[str, np.ndarray]) -> np.ndarray:
@@ -185,9 +196,12 @@ class ConnectionStore:
         idle_timeout: float,
         zone: int,
         protocol_filter: tuple[str, ...] | None = None,
+        counted: bool = False,
     ):
         """`enrich(entry)` returns the connection's metadata, or None to skip it (e.g. no
-        local Pod at either end); it runs once per new conntrack entry."""
+        local Pod at either end); it runs once per new conntrack entry. `counted`: flows of
+        the eBPF counter path will be merged in (`merge_counted`): connections are then
+        also indexed by their 5-tuples."""
         self.enrich = enrich
         self.active_timeout = active_timeout
         self.idle_timeout = idle_timeout
@@ -203,6 +217,11 @@ class ConnectionStore:
         # while its heap_deadline equals the entry's deadline
         self._heap: list[tuple[float, int, list[Connection]]] = []
         self._sequence = itertools.count()
+        # With the counter path: tracked connections by 5-tuple (after DNAT, and before it
+        # for a Service), and the connections made from counted packets alone.
+        self._by_tuple: dict[FlowKey[bytes], Connection] | None = {} if counted else None
+        self._untracked: dict[FlowKey[bytes], Connection] = {}
+        self._untracked_handles = itertools.count(1)
 
     def __len__(self) -> int:
         return len(self._by_handle)
@@ -237,6 +256,8 @@ class ConnectionStore:
             len(self._by_handle),
             MappingProxyType(dict(stats.filtered)),
             MappingProxyType(dict(stats.exported)),
+            MappingProxyType(dict(stats.counted_flows)),
+            stats.disagreements,
         )
 
     def _update(self, dump: Dump, now: float) -> None:
@@ -278,7 +299,7 @@ class ConnectionStore:
             conn = self._by_handle.get(key)
             if conn is not None:
                 if conn.finished:
-                    del self._by_handle[key]
+                    self._forget(conn)
                 else:
                     self._end(conn, now, None, gone=True)
 
@@ -385,11 +406,29 @@ class ConnectionStore:
             expiry.idle,
         )
         self._by_handle[key] = conn
+        if self._by_tuple is not None:
+            self._by_tuple[conn.key] = conn
+            if entry.orig_dst != reply_src or entry.orig_dport != reply_sport:  # DNAT
+                conn.dialled = FlowKey(orig_src, entry.orig_dst, proto, orig_sport,
+                                       entry.orig_dport)  # fmt: skip
+                self._by_tuple[conn.dialled] = conn
         if status & IPS_DYING or tcp_state in (TCP_TIME_WAIT, TCP_CLOSE):
             self._end(conn, now, entry)
         else:
             conn.heap_deadline = expiry.first
             fresh.append(conn)
+
+    def _forget(self, conn: Connection) -> None:
+        """Remove a connection whose end was exported and that the table no longer has."""
+        if self._by_handle.get(conn.handle) is conn:
+            del self._by_handle[conn.handle]
+        if conn.untracked:
+            if self._untracked.get(conn.key) is conn:
+                del self._untracked[conn.key]
+        elif self._by_tuple is not None:
+            for key in (conn.key, conn.dialled):
+                if key is not None and self._by_tuple.get(key) is conn:
+                    del self._by_tuple[key]
 
     def _end(self, conn: Connection, now: float, entry: Entry | None, gone: bool = False) -> None:
         """The connection ended: export it with reason 3 on the next export round."""
@@ -402,6 +441,115 @@ class ConnectionStore:
         conn.dying = True
         self.stats.ended += 1
         self._schedule(conn, now)
+
+    # -- the eBPF counter path -------------------------------------------------------------
+
+    def merge_counted(
+        self,
+        flows: np.ndarray,
+        clock_offset: float,
+        now: float,
+        denied: Callable[[FlowKey[bytes]], bool] = lambda key: False,
+    ) -> None:
+        """Apply one eviction of the counter path (FLOW_DTYPE rows; packet times in
+        monotonic ns, `clock_offset` the wall clock's lead over it), right after `update`.
+
+        A flow of a tracked connection (by its 5-tuple after or before DNAT, either way
+        round) gives it TCP flags, packet times and a count to check conntrack's against;
+        its counters stay conntrack's. Any other flow is traffic conntrack does not have
+        (untracked, or gone before a poll saw it): a connection of its own, counted from
+        these flows alone, enriched like the others, ended once idle. A packet is so in
+        exactly one record. Not merged: flows of denied connections (`denied`, the deny
+        path records them), filtered protocols, fragments after the first (conntrack counts
+        the packet they belong to) and flows with no local Pod."""
+        if self._by_tuple is None or len(flows) == 0:
+            return
+        keys = flows["key"]
+        wide = (keys["version"] == 6).tolist()
+        sources, destinations = keys["src"].tobytes(), keys["dst"].tobytes()
+        protos, sports, dports = (keys[f].tolist() for f in ("proto", "sport", "dport"))
+        fragments = keys["fragment"].tolist()
+        packets, octets = flows["packets"].tolist(), flows["bytes"].tolist()
+        rev_packets, rev_octets = flows["rev_packets"].tolist(), flows["rev_bytes"].tolist()
+        firsts = (flows["first_ns"] / 1e9 + clock_offset).tolist()
+        lasts = (flows["last_ns"] / 1e9 + clock_offset).tolist()
+        flag_bits = flows["flags"].tolist()
+        by_tuple, outcomes = self._by_tuple, self.stats.counted_flows
+        for i in range(len(flows)):
+            at, size = 16 * i, 16 if wide[i] else 4
+            source, destination = sources[at : at + size], destinations[at : at + size]
+            proto, sport, dport = protos[i], sports[i], dports[i]
+            key = make_key(FlowKey, (source, destination, proto, sport, dport))
+            back = make_key(FlowKey, (destination, source, proto, dport, sport))
+            first, last = firsts[i], lasts[i]
+            conn = by_tuple.get(key) or by_tuple.get(back)
+            if conn is not None:
+                outcomes["matched"] += 1
+                self._saw(conn, flag_bits[i], first, last, packets[i] + rev_packets[i])
+                continue
+            if fragments[i]:
+                outcomes["fragment"] += 1
+                continue
+            if self.protocols is not None and proto not in self.protocols:
+                outcomes["protocol"] += 1
+                continue
+            if denied(key) or denied(back):
+                outcomes["denied"] += 1
+                continue
+            conn = self._untracked.get(key)
+            forward = True
+            if conn is None:
+                conn = self._untracked.get(back)
+                forward = conn is None
+            if conn is None:
+                conn = self._new_untracked(key, first, last, now)
+                if conn is None:
+                    outcomes["no_local_pod"] += 1
+                    continue
+            outcomes["untracked"] += 1
+            counts = (packets[i], octets[i], rev_packets[i], rev_octets[i])
+            if not forward:
+                counts = (counts[2], counts[3], counts[0], counts[1])
+            conn.packets += counts[0]
+            conn.octets += counts[1]
+            conn.reverse_packets += counts[2]
+            conn.reverse_octets += counts[3]
+            conn.stop_time = max(conn.stop_time, last)
+            conn.idle_expire = now + self.idle_timeout
+            self._saw(conn, flag_bits[i], first, last, counts[0] + counts[2])
+            if conn.heap_deadline is None:  # idle-exported: active again
+                conn.active_expire = now + self.active_timeout
+            self._schedule(conn, min(conn.active_expire, conn.idle_expire))
+        self._publish()
+
+    @staticmethod
+    def _saw(conn: Connection, flags: int, first: float, last: float, packets: int) -> None:
+        conn.tcp_flags |= flags
+        if not conn.first_packet or first < conn.first_packet:
+            conn.first_packet = first
+        conn.last_packet = max(conn.last_packet, last)
+        conn.counted_packets += packets
+
+    def _new_untracked(
+        self, key: FlowKey[bytes], first: float, last: float, now: float
+    ) -> Connection | None:
+        source, destination, proto, sport, dport = key
+        # As conntrack would have it: no NAT, no mark, no labels (no Service, no rule).
+        entry = Entry(
+            proto, source, destination, sport, dport, destination, source, dport, sport,
+            self.zone, 0, 0, b"", 0, 0, 0, 0, int(first * 1e9), 0, -1, 0,
+        )  # fmt: skip
+        meta = self.enrich(entry)
+        if meta is None:
+            return None
+        conn = Connection(
+            -next(self._untracked_handles), key, meta, 0, 0, 0, 0, -1, first, last,
+            now + self.active_timeout, now + self.idle_timeout, untracked=True,
+        )  # fmt: skip
+        self._by_handle[conn.handle] = conn
+        self._untracked[key] = conn
+        self.stats.created += 1
+        return conn
 
     # -- expiry ----------------------------------------------------------------------------
 
@@ -433,8 +581,14 @@ class ConnectionStore:
                 if conn.dying:
                     out.append(self._export(conn, END_OF_FLOW))
                     conn.finished = True
-                    if conn.gone and self._by_handle.get(conn.handle) is conn:
-                        del self._by_handle[conn.handle]
+                    if conn.gone:
+                        self._forget(conn)
+                    continue
+                if conn.untracked and conn.idle_expire <= now:
+                    # Counted packets stopped coming: that flow is over.
+                    out.append(self._export(conn, END_IDLE))
+                    conn.finished = True
+                    self._forget(conn)
                     continue
                 due = min(conn.active_expire, conn.idle_expire)
                 if due > now:
@@ -448,6 +602,17 @@ class ConnectionStore:
         if out:
             self._publish()
         return out
+
+    def _compare(self, conn: Connection) -> None:
+        """At its end, conntrack's count and the counter path's should agree, but for the
+        packets of the connection's last moments that one saw and the other not yet (a
+        poll or an eviction apart): a few, or a hundredth of a long one. Only counted from
+        its start (within a second) is it comparable at all."""
+        if conn.first_packet > conn.start_time + 1.0:
+            return
+        tracked = conn.packets + conn.reverse_packets
+        if abs(tracked - conn.counted_packets) > 4 + tracked // 100:
+            self.stats.disagreements += 1
 
     def drain(self) -> list[Export]:
         """On shutdown: every connection with something not yet exported (ended ones with
@@ -468,6 +633,8 @@ class ConnectionStore:
         return out
 
     def _export(self, conn: Connection, reason: int) -> Export:
+        if reason == END_OF_FLOW and conn.counted_packets and not conn.untracked:
+            self._compare(conn)
         packets, octets, reverse_packets, reverse_octets = conn.exported
         export = Export(
             conn,

@@ -117,6 +117,11 @@ class DenyStore:
             stats = self.stats
             return DenyCounts(len(self._connections), stats.recorded, dict(stats.not_recorded))
 
+    def denies(self, key: FlowKey[bytes]) -> bool:
+        """A denied connection of this 5-tuple is being recorded (any thread)."""
+        with self._lock:
+            return key in self._connections
+
     def _admit(self, now: float) -> bool:
         """Token bucket of `record_rate` packets per second (burst: one second's worth)."""
         # Observers may pass times slightly out of order: never refill backwards.

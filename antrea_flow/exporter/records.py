@@ -39,8 +39,12 @@ def _rule(direction: _Direction, rule: PolicyRule, record: FlowRecord) -> None:
     record[direction.action] = rule.action
 
 
-def flow_record(export: Export, node_name: str) -> tuple[int, FlowRecord]:
-    """(template id, record) for one export of a connection."""
+def flow_record(
+    export: Export, node_name: str, packet_details: bool = False
+) -> tuple[int, FlowRecord]:
+    """(template id, record) for one export of a connection; with `packet_details`, what
+    the eBPF counter path saw (TCP flags, first and last packet to the millisecond: the
+    conntrack times where it saw nothing)."""
     conn = export.connection
     meta: FlowMeta = conn.meta
     key = conn.key
@@ -87,5 +91,9 @@ def flow_record(export: Export, node_name: str) -> tuple[int, FlowRecord]:
         _rule(_INGRESS, meta.ingress_rule, record)
     if meta.egress_rule is not None:
         _rule(_EGRESS, meta.egress_rule, record)
+    if packet_details:
+        record["tcpControlBits"] = conn.tcp_flags
+        record["flowStartMilliseconds"] = int((conn.first_packet or conn.start_time) * 1000)
+        record["flowEndMilliseconds"] = int((conn.last_packet or export.end_time) * 1000)
     template_id = EXPORTER_TEMPLATE_ID_IPV6 if ipv6 else EXPORTER_TEMPLATE_ID_IPV4
     return template_id, record

@@ -57,6 +57,10 @@ class FlowRecord(TypedDict, total=False):
     flowType: int
     destinationClusterIPv4: str
     destinationClusterIPv6: str
+    # From the eBPF counter path (an agent with ebpf.enable), and the aggregator's merge.
+    tcpControlBits: int
+    flowStartMilliseconds: int
+    flowEndMilliseconds: int
     # The aggregator's: each Node's counters, end times and throughputs, Pod labels and
     # the provenance of the latest record.
     octetDeltaCountFromSourceNode: int
@@ -130,8 +134,14 @@ ContextName = Literal[
 KUBERNETES_CONTEXT_ELEMENTS: tuple[ContextName, ...] = get_args(ContextName)
 
 
-def exporter_element_names(ipv6: bool) -> list[str]:
-    """Every exporter IE of Antrea's flow visibility tables, in the upstream agent's order."""
+# What the eBPF counter path adds to an agent's records (after Antrea's elements).
+PacketDetailName = Literal["tcpControlBits", "flowStartMilliseconds", "flowEndMilliseconds"]
+PACKET_DETAILS: tuple[PacketDetailName, ...] = get_args(PacketDetailName)
+
+
+def exporter_element_names(ipv6: bool, packet_details: bool = False) -> list[str]:
+    """Every exporter IE of Antrea's flow visibility tables, in the upstream agent's order;
+    with `packet_details`, the counter path's elements after them."""
     family = "IPv6" if ipv6 else "IPv4"
     return [
         "flowStartSeconds",
@@ -154,14 +164,19 @@ def exporter_element_names(ipv6: bool) -> list[str]:
         "tcpState",
         "flowType",
         f"destinationCluster{family}",
+        *(PACKET_DETAILS if packet_details else ()),
     ]
 
 
-def exporter_templates() -> list[Template]:
+def exporter_templates(packet_details: bool = False) -> list[Template]:
     """The IPv4 (256) and IPv6 (257) templates of the flow exporter."""
     return [
-        Template.from_names(EXPORTER_TEMPLATE_ID_IPV4, exporter_element_names(ipv6=False)),
-        Template.from_names(EXPORTER_TEMPLATE_ID_IPV6, exporter_element_names(ipv6=True)),
+        Template.from_names(
+            EXPORTER_TEMPLATE_ID_IPV4, exporter_element_names(False, packet_details)
+        ),
+        Template.from_names(
+            EXPORTER_TEMPLATE_ID_IPV6, exporter_element_names(True, packet_details)
+        ),
     ]
 
 
@@ -170,9 +185,10 @@ AGGREGATOR_TEMPLATE_ID_IPV6 = 257
 
 
 def aggregator_element_names(ipv6: bool) -> list[str]:
-    """What the flow aggregator exports: every exporter IE, each Node's counters (in
-    upstream's order), throughputs and the provenance of the records it merged."""
-    names = exporter_element_names(ipv6)
+    """What the flow aggregator exports: every exporter IE (the counter path's too: without
+    it, the times are the seconds' and the flags 0), each Node's counters (in upstream's
+    order), throughputs and the provenance of the records it merged."""
+    names = exporter_element_names(ipv6, packet_details=True)
     for direction in ("", "reverse"):
         for counter in ("OctetDelta", "OctetTotal", "PacketDelta", "PacketTotal"):
             name = f"{direction}{counter}" if direction else counter[0].lower() + counter[1:]
