@@ -285,11 +285,11 @@ class Agent:
                 self.eviction_duration.observe(seconds)
             counter.stats.durations.clear()
 
-    async def _start_counter(self) -> None:
+    async def start_counter(self) -> None:
         """Load and attach the counter path; a failure is one line and a metric, and the
         agent goes on with conntrack alone."""
         counter = self.counter
-        if counter is None:
+        if counter is None or self.ebpf_loaded:
             return
         loop = asyncio.get_running_loop()
 
@@ -341,7 +341,7 @@ class Agent:
         self.refresh_metadata()  # a bad inventory stops start-up before any side effect
         enable_accounting(self.netns_name)
         self.exporter.start()
-        await self._start_counter()
+        await self.start_counter()
         if self.watch is not None:
             self.watch.start()
             if self.config.metadata_sync_timeout > 0:

@@ -1,0 +1,136 @@
+"""The agent with its eBPF counter path (root, BCC) on a real kernel: traffic conntrack
+does not see becomes records of its own with exact counts; a connection shorter than a
+poll gets its TCP flags and packet times; conntrack's flows are still in exactly one
+record; and conntrack's counts agree with the counter's."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from antrea_flow.exporter.agent import Agent, enable_accounting
+from antrea_flow.exporter.config import EbpfConfig
+
+from . import nodenet
+from .ipfixkit import Clock, eventually, run
+from .nodenet import CLUSTER_V4, SERVER_V4, NodeNet
+from .test_agent_flows import (
+    NODE,
+    POLL,
+    TCP,
+    UDP,
+    Harness,
+    agent_config,
+    assert_deltas_add_up,
+    in_thread,
+    last_end,
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.ebpf]
+
+UNTRACKED_PORT = nodenet.UNCOMMITTED_UDP_PORT  # a sink; here conntrack never sees it
+SYN, FIN, ACK = 0x02, 0x01, 0x10
+
+
+@pytest.fixture(scope="module")
+def net() -> NodeNet:
+    with nodenet.node_network() as network:
+        network.run(network.node, "iptables", "-w", "-t", "raw", "-I", "PREROUTING", "1",
+                    "-p", "udp", "--dport", str(UNTRACKED_PORT), "-j", "NOTRACK")  # fmt: skip
+        yield network
+
+
+@pytest.fixture(scope="module")
+def inventory_file(tmp_path_factory) -> Path:
+    return nodenet.write_inventory(tmp_path_factory.mktemp("agent-ebpf") / "inventory.yaml")
+
+
+@contextlib.asynccontextmanager
+async def counting_agent(net: NodeNet, inventory: Path) -> AsyncIterator[Harness]:
+    """A driven agent (see test_agent_flows.driven_agent) with the counter path on."""
+    harness = Harness(net, None, 0)  # type: ignore[arg-type]
+    await harness.start_collector()
+    clock = Clock(float(int(time.time()) + 3600))
+    config = dataclasses.replace(
+        agent_config(inventory, harness.port),
+        ebpf=EbpfConfig(enable=True, max_flows=4096, active_timeout=POLL),
+        host_gateway="br0",
+    )
+    agent = Agent(config, NODE, netns_name=net.node, clock=clock)
+    harness.agent, harness.clock = agent, clock
+    try:
+        agent.refresh_metadata()
+        enable_accounting(net.node)
+        agent.exporter.start()
+        await agent.start_counter()
+        assert agent.ebpf_loaded, "the counter did not load (see the log)"
+        await eventually(lambda: agent.exporter.stats.connected, "agent connected")
+        await harness.round(0.0)  # what came before the test
+        yield harness
+    finally:
+        try:
+            stop = asyncio.Event()
+            stop.set()
+            await asyncio.wait_for(agent.run(stop), 15)
+        finally:
+            await harness.stop_collector()
+
+
+def test_untracked_traffic_is_a_record_of_its_own_with_exact_counts(net, inventory_file):
+    async def scenario():
+        async with counting_agent(net, inventory_file) as h:
+            port = await in_thread(net.udp_burst, SERVER_V4, UNTRACKED_PORT, 250, 200)
+            return port, await h.rounds_until(UDP, port, last_end(1), "its idle record")
+
+    port, records = run(scenario())
+    assert sum(r["packetDeltaCount"] for r in records) == 250
+    assert sum(r["octetDeltaCount"] for r in records) == 250 * (200 + 8 + 20)
+    assert_deltas_add_up(records)
+    first = records[0]
+    assert (first["sourcePodName"], first["destinationPodName"]) == ("client", "server")
+    assert first["destinationTransportPort"] == UNTRACKED_PORT and first["flowType"] == 1
+    assert first["tcpState"] == "" and first["destinationServicePortName"] == ""
+    assert 0 < first["flowStartMilliseconds"] <= records[-1]["flowEndMilliseconds"]
+
+
+def test_a_connection_shorter_than_a_poll_gets_flags_and_packet_times(net, inventory_file):
+    async def scenario():
+        async with counting_agent(net, inventory_file) as h:
+            before = int(time.time() * 1000)
+            client = await in_thread(net.tcp_client, SERVER_V4, nodenet.TCP_PORT)
+            await in_thread(client.send, 3000)
+            await in_thread(client.close)
+            after = int(time.time() * 1000)
+            records = await h.rounds_until(TCP, client.port, last_end(3), "its end record")
+            entries = net.conntrack("-w", str(nodenet.ZONE), "-p", "tcp", "--sport",
+                                    str(client.port))  # fmt: skip
+            return before, after, records, entries, h.agent.store.counts.disagreements
+
+    before, after, records, entries, disagreements = run(scenario())
+    assert len(records) == 1  # conntrack's connection, not a second one of the counter's
+    (record,) = records
+    assert record["tcpControlBits"] & (SYN | FIN | ACK) == SYN | FIN | ACK
+    assert before <= record["flowStartMilliseconds"] <= record["flowEndMilliseconds"] <= after
+    packets = record["packetTotalCount"] + record["reversePacketTotalCount"]
+    assert packets >= 8 and disagreements == 0
+
+
+def test_conntracks_flows_are_still_in_exactly_one_record(net, inventory_file):
+    async def scenario():
+        async with counting_agent(net, inventory_file) as h:
+            port = await in_thread(net.udp_burst, CLUSTER_V4, nodenet.SERVICE_DNS_PORT, 80, 50)
+            records = await h.rounds_until(UDP, port, last_end(1), "its idle record")
+            return port, records, list(h.records)
+
+    port, records, everything = run(scenario())
+    assert sum(r["packetDeltaCount"] for r in records) == 80
+    assert {r["destinationServicePortName"] for r in records} == {"prod/web:dns"}
+    # No record of the counter's for the same packets (either address they had).
+    others = [r for r in everything if r["sourceTransportPort"] == port and r not in records]
+    assert others == []
