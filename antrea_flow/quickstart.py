@@ -39,6 +39,9 @@ LAB = "quickstart"
 FLOW_TYPES = {1: "intra", 2: "inter", 3: "to-ext", 4: "from-ext"}
 PROBE_EVERY = 4.0
 IPERF = ("frontend/client-1", "backend/web-2", 5201, "10M", 12)
+# High-rate UDP that conntrack never sees (the lab leaves UDP 5201 untracked): only the
+# agents' eBPF counter path can report it.
+UNTRACKED_UDP = ("frontend/client-1", "frontend/client-2", 5201, "20M", 8)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +163,7 @@ class Quickstart:
         self.processes: dict[str, subprocess.Popen] = {}
         self.records = 0
         self.iperf: dict[str, Any] = {}
+        self.udp: dict[str, Any] = {}
         self.outcomes: dict[str, tuple[str, str]] = {}  # probe -> (seen, expected)
         self._flows: TextIO | None = None  # flows.jsonl while run() runs
 
@@ -225,6 +229,7 @@ class Quickstart:
                     "tlsCertDir": str(certs),
                     "metricsBindAddress": f"127.0.0.1:{_free_port()}",
                     "denyQueue": 1,
+                    "ebpf": {"enable": True},
                 },
             )
             self.agent_configs.append((node, path))
@@ -306,6 +311,22 @@ class Quickstart:
                 "local_port": result["start"]["connected"][0]["local_port"],
             }
 
+    async def _untracked_udp(self) -> None:
+        """iperf3 over UDP between two Pods, after the TCP run (one test per server)."""
+        client, server, port, rate, seconds = UNTRACKED_UDP
+        host = self.cluster.pod(server).addresses[4]
+        await asyncio.sleep(2.0)
+        out = await self._in_pod(
+            client, "iperf3", "-u", "-c", host, "-p", str(port), "-b", rate, "-l", "1000",
+            "-t", str(seconds), "-J", timeout=seconds + 20,
+        )  # fmt: skip
+        with contextlib.suppress(ValueError, KeyError):
+            result = json.loads(out)
+            self.udp = {
+                "packets": result["end"]["sum"]["packets"],
+                "local_port": result["start"]["connected"][0]["local_port"],
+            }
+
     # -- collector -------------------------------------------------------------------------
 
     def _collected(self, peer: Peer, message: Message) -> None:
@@ -345,7 +366,8 @@ class Quickstart:
             )
             self.table = Table()
             await asyncio.sleep(1.5)  # the agents' first poll
-            tasks = [asyncio.create_task(self._probes()), asyncio.create_task(self._iperf())]
+            tasks = [asyncio.create_task(self._probes()), asyncio.create_task(self._iperf()),
+                     asyncio.create_task(self._untracked_udp())]  # fmt: skip
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -397,6 +419,18 @@ class Quickstart:
                     f"{self.iperf['bits_per_second'] / 1e6:.2f} Mbit/s; its flow records: "
                     f"{measured / 1e6:.2f} Mbit/s over {seconds} s"
                 )
+        if self.udp:
+            packets = sum(
+                r.get("packetDeltaCount", 0)
+                for r in records
+                if r.get("sourceTransportPort") == self.udp["local_port"]
+                and r.get("protocolIdentifier") == 17
+            )
+            print(
+                f"  untracked UDP {UNTRACKED_UDP[0]} -> {UNTRACKED_UDP[1]} (no conntrack entry): "
+                f"iperf3 sent {self.udp['packets']} datagrams; its flow records (eBPF "
+                f"counter path): {packets} packets"
+            )
         unexpected = any(seen != expected for seen, expected in self.outcomes.values())
         return 0 if records and not unexpected else 1
 

@@ -1,7 +1,8 @@
 """A Node's netfilter rules, as iptables-restore documents (one per IP family).
 
 - raw: Pod traffic (from Pods, or from the uplink to Pods or to the Pod SNAT address) is
-  tracked in conntrack zone 65520, as Antrea's OVS does.
+  tracked in conntrack zone 65520, as Antrea's OVS does; UDP to or from port 5201
+  (iperf3's) is not tracked at all, as operators exempt high-rate UDP from conntrack.
 - mangle: new connections get Antrea's connection-source mark bits (0x2 from a local Pod,
   0x1 from the uplink) and the Service bit (0x10) when DNATed. Policies are evaluated for
   every packet the filter evaluates them for (neither ESTABLISHED nor RELATED: new
@@ -56,6 +57,9 @@ DENY_BURST = 4096
 NOT_QUEUED_COMMENT = "antrea-flow: denied, not queued (over rate)"
 # The packets the filter's policy chains see: all but ESTABLISHED and RELATED.
 POLICED = "-m conntrack ! --ctstate RELATED,ESTABLISHED"
+
+# UDP to or from this port (iperf3's) bypasses conntrack on every Node.
+UNTRACKED_UDP_PORT = 5201
 
 
 def _label_matches(rule_id: int, direction: str) -> str:
@@ -232,7 +236,11 @@ class NodeRules:
 
     def raw(self) -> list[str]:
         f = self.family
-        lines = [f"-A PREROUTING -i antrea-gw0 -j CT --zone {ANTREA_POD_ZONE}"]
+        lines = []
+        for end in ("--dport", "--sport"):  # first: a CT target does not end the chain
+            untracked = f"-A PREROUTING -p udp {end} {UNTRACKED_UDP_PORT}"
+            lines += [f"{untracked} -j CT --notrack", f"{untracked} -j ACCEPT"]
+        lines.append(f"-A PREROUTING -i antrea-gw0 -j CT --zone {ANTREA_POD_ZONE}")
         cidr = self.node.cidr(f.version)
         if cidr is not None:
             lines.append(f"-A PREROUTING -i eth0 -d {cidr} -j CT --zone {ANTREA_POD_ZONE}")

@@ -915,3 +915,18 @@ def test_documents_are_deterministic():
                 NodeRules(first.cluster, n, v).document()
                 == NodeRules(second.cluster, second.cluster.node(n.name), v).document()
             )
+
+
+def test_udp_of_port_5201_bypasses_conntrack_before_anything_tracks_it():
+    lab = Lab(load_cluster())
+    for n in lab.cluster.nodes:
+        for v in (4, 6):
+            raw = NodeRules(lab.cluster, n, v).raw()
+            rules = [line for line in raw if line.startswith("-A PREROUTING")]
+            assert rules[:4] == [
+                "-A PREROUTING -p udp --dport 5201 -j CT --notrack",
+                "-A PREROUTING -p udp --dport 5201 -j ACCEPT",
+                "-A PREROUTING -p udp --sport 5201 -j CT --notrack",
+                "-A PREROUTING -p udp --sport 5201 -j ACCEPT",
+            ]
+            assert all("--zone" in line for line in rules[4:])
