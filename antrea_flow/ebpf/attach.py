@@ -19,11 +19,13 @@ import contextlib
 import logging
 import select
 import socket
+import struct
 import threading
 from collections.abc import Iterable
 from typing import Any
 
 from ..conntrack.netns import netns_path, socket_in
+from . import bpfsys
 from .program import CounterProgram
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,6 @@ class Interfaces:
         self._thread: threading.Thread | None = None
         self._ipr: Any = None
         self._events: Any = None
-        self._counted = program.bpf[b"counted_ifaces"]
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -173,11 +174,11 @@ class Interfaces:
     # -- netlink operations --------------------------------------------------------------
 
     def _counted_set(self, index: int, on: bool) -> None:
-        key = self._counted.Key(index)
+        key = struct.pack("=I", index)
         if on:
-            self._counted[key] = self._counted.Leaf(1)
+            bpfsys.update(self.program.counted_fd, key, b"\x01")
         else:
-            self._counted.pop(key, None)
+            bpfsys.delete(self.program.counted_fd, key)
 
     def _attach(self, index: int, name: str) -> None:
         ipr = self._ipr

@@ -10,9 +10,10 @@ the map is full, and `on_full` asks the agent for an early eviction.
 from __future__ import annotations
 
 import collections
-import ctypes
 import errno
 import logging
+import select
+import struct
 import threading
 import time
 from collections import Counter
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .attach import Interfaces
+from .bpfsys import RingBuffer, lookup
 from .drain import BatchReader, fallback_flows, merge_cpus, records_from_bytes
 from .program import CounterProgram, load
 
@@ -44,8 +46,8 @@ class CounterStats:
 
 class PacketCounter:
     """Owned by the agent: `start` and `stop` run on its loop's executor, `evict` in its
-    poll worker (never at once). The ring-buffer thread only appends raw records to
-    `_records`, which `evict` takes."""
+    poll worker (never at once). The ring-buffer thread owns the ring buffer's reader and
+    only appends raw records to `_records`, which `evict` takes."""
 
     def __init__(
         self,
@@ -66,6 +68,7 @@ class PacketCounter:
         self.program: CounterProgram | None = None
         self.interfaces: Interfaces | None = None
         self._reader: BatchReader | None = None
+        self._ring: RingBuffer | None = None
         self._records: collections.deque[bytes] = collections.deque()
         self._full = False  # set by the ring-buffer thread, cleared by evict
         self._stop = threading.Event()
@@ -84,7 +87,7 @@ class PacketCounter:
             raise
         self.program, self.interfaces = program, interfaces
         self._reader = BatchReader(program.flows_fd, program.max_flows, program.cpus)
-        program.bpf[b"fallback"].open_ring_buffer(self._fallback)
+        self._ring = RingBuffer(program.fallback_fd, program.fallback_size)
         self._ring_thread = threading.Thread(target=self._read_ring, name="ebpf-ring", daemon=True)
         self._ring_thread.start()
 
@@ -92,18 +95,20 @@ class PacketCounter:
     def full(self) -> bool:
         return self._full
 
-    def _fallback(self, _ctx: object, data: int, size: int) -> int:
-        self._records.append(ctypes.string_at(data, size))
-        if not self._full:
-            self._full = True
-            self.on_full()
-        return 0
-
     def _read_ring(self) -> None:
-        assert self.program is not None
-        bpf = self.program.bpf
+        ring = self._ring
+        assert ring is not None
+        poller = select.poll()
+        poller.register(ring.fd, select.POLLIN)
         while not self._stop.is_set():
-            bpf.ring_buffer_poll(200)
+            if not poller.poll(200):
+                continue
+            records = ring.read()
+            if records:
+                self._records.extend(records)
+                if not self._full:
+                    self._full = True
+                    self.on_full()
 
     def evict(self) -> tuple[np.ndarray, float]:
         """Every flow counted since the last eviction (FLOW_DTYPE), and the wall clock's
@@ -130,7 +135,8 @@ class PacketCounter:
         stats.packets += int(flows["packets"].sum() + flows["rev_packets"].sum())
         stats.stale_slots += merged.stale_slots
         stats.fill = len(keys) / self.max_flows
-        stats.lost = int(sum(self.program.bpf[b"lost"][0]))
+        lost = lookup(self.program.lost_fd, b"\0\0\0\0", 8 * self.program.cpus) or b""
+        stats.lost = sum(struct.unpack(f"={len(lost) // 8}Q", lost))
         stats.durations.append(time.perf_counter() - started)
         return flows, time.time() - time.monotonic()
 
@@ -141,9 +147,11 @@ class PacketCounter:
             self._ring_thread.join(5)
         if self.interfaces is not None:
             self.interfaces.stop()
+        if self._ring is not None:
+            self._ring.close()
         if self.program is not None:
             self.program.close()
-        self.program = self.interfaces = self._reader = None
+        self.program = self.interfaces = self._reader = self._ring = None
 
 
 def _errno_name(error: int) -> str:

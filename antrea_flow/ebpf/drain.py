@@ -3,19 +3,18 @@ hash into buffers of our own, merged across CPUs with numpy; and the fallback re
 packets the map had no room for.
 
 BCC's own batch helper cannot be used on per-CPU maps: it deletes in the kernel, then
-fails to convert the per-CPU values (TypeError) and the flows are lost. Ours calls libbcc's
-`bpf_lookup_and_delete_batch` with ctypes buffers sized once and reads them as numpy
-arrays: no per-flow Python work.
+fails to convert the per-CPU values (TypeError) and the flows are lost. Ours calls
+BPF_MAP_LOOKUP_AND_DELETE_BATCH with buffers sized once and reads them as numpy arrays: no
+per-flow Python work.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 from dataclasses import dataclass
 
 import numpy as np
 
+from .bpfsys import lookup_and_delete_batch
 from .program import COUNTS_DTYPE, FALLBACK_DTYPE, KEY_DTYPE
 
 # The merged flow of one eviction: its key, and its counters summed over the CPUs.
@@ -83,41 +82,21 @@ class BatchReader:
     """Lookup-and-delete of a whole per-CPU hash map into buffers allocated once."""
 
     def __init__(self, map_fd: int, max_entries: int, cpus: int):
-        from bcc import libbcc
-
-        self._batch = libbcc.lib.bpf_lookup_and_delete_batch
         self._fd = map_fd
         self._capacity = max_entries
-        self._cpus = cpus
         self._keys = np.zeros(max_entries, KEY_DTYPE)
         self._values = np.zeros((max_entries, cpus), COUNTS_DTYPE)
 
     def take_all(self) -> tuple[np.ndarray, np.ndarray]:
         """(keys, per-CPU values) of every entry, which the kernel deletes; copies."""
-        total = 0
-        token = ctypes.c_uint32(0)
-        count = ctypes.c_uint32(0)
-        keys_at = self._keys.ctypes.data
-        values_at = self._values.ctypes.data
-        key_size, value_size = KEY_DTYPE.itemsize, COUNTS_DTYPE.itemsize * self._cpus
-        while total < self._capacity:
-            count.value = self._capacity - total
-            result = self._batch(
-                self._fd,
-                ctypes.byref(token) if total else None,
-                ctypes.byref(token),
-                ctypes.c_void_p(keys_at + key_size * total),
-                ctypes.c_void_p(values_at + value_size * total),
-                ctypes.byref(count),
-            )
-            code = ctypes.get_errno()
-            total += count.value
-            if result != 0:
-                if code == errno.ENOENT or code == 0:
-                    break  # the end of the map
-                raise OSError(code, f"BPF_MAP_LOOKUP_AND_DELETE_BATCH: {errno.errorcode.get(code)}")
-            if count.value == 0:
-                break
+        total = lookup_and_delete_batch(
+            self._fd,
+            self._keys.ctypes.data,
+            self._values.ctypes.data,
+            KEY_DTYPE.itemsize,
+            self._values.strides[0],
+            self._capacity,
+        )
         return self._keys[:total].copy(), self._values[:total].copy()
 
 

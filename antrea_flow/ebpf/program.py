@@ -1,26 +1,27 @@
-"""Compiling and loading the per-flow packet counter (bpf/flows.c) with BCC, once at start.
+"""Loading the per-flow packet counter (bpf/flows.c), once at start, and the layouts of
+its maps.
 
+The compiling is done by a helper process (compile.py: BCC and LLVM never enter the
+agent's memory), which hands back the file descriptors of the two programs and the maps.
 BCC compiles against the kernel headers it finds at /lib/modules/$(uname -r)/build (and
-`source`, Debian's other half), or BCC_KERNEL_SOURCE; `make setup` links Debian's generic
-headers there. Whatever stops it (no bcc module, no headers, no BTF, no CAP_BPF, a kernel
-without a feature) is a LoadError with one line saying what and what to do.
+`source`, Debian's other half) or BCC_KERNEL_SOURCE; `make setup` links Debian's generic
+headers there. Whatever stops it (no bcc module, no headers, no BTF, no CAP_BPF) is a
+LoadError with one line saying what and what to do.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import logging
+import json
 import os
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("flows.c")  # bpf/flows.c, shipped inside the package
+from .bpfsys import possible_cpus
+from .compile import HANDED
 
 # struct flow_key and struct flow_counts of flows.c (host byte order).
 KEY_DTYPE = np.dtype(
@@ -36,6 +37,7 @@ FALLBACK_DTYPE = np.dtype(
     [("key", KEY_DTYPE), ("ns", "=u8"), ("bytes", "=u4"), ("flags", "=u4"),
      ("reverse", "u1"), ("pad", "u1", 3), ("error", "=i4")]
 )  # fmt: skip
+COMPILE_TIMEOUT = 60.0
 
 
 class LoadError(Exception):
@@ -44,65 +46,56 @@ class LoadError(Exception):
 
 @dataclass
 class CounterProgram:
-    """The loaded program: its two functions and its maps. `bpf` (BCC's object) owns them;
-    closing it unloads everything."""
+    """The loaded program: descriptors of its two functions and its maps. Closing them
+    unloads it (once nothing else, such as a TC filter, holds the programs)."""
 
-    bpf: Any
     ingress_fd: int
     egress_fd: int
     flows_fd: int
+    counted_fd: int  # counted_ifaces: interface index (u32) -> 1 (u8)
+    fallback_fd: int  # the ring buffer
+    fallback_size: int
+    lost_fd: int  # per-CPU u64 of packets that found no room anywhere
     max_flows: int
     cpus: int  # possible CPUs: the per-CPU values of one entry
 
     def close(self) -> None:
-        self.bpf.cleanup()
-
-
-def _headers() -> str | None:
-    """Where BCC will find kernel headers, or None."""
-    explicit = os.environ.get("BCC_KERNEL_SOURCE")
-    if explicit:
-        return explicit if os.path.isdir(explicit) else None
-    build = f"/lib/modules/{os.uname().release}/build"
-    return build if os.path.isdir(build) else None
+        for fd in (self.ingress_fd, self.egress_fd, self.flows_fd, self.counted_fd,
+                   self.fallback_fd, self.lost_fd):  # fmt: skip
+            os.close(fd)
 
 
 def load(max_flows: int, fallback_pages: int = 64) -> CounterProgram:
     """Compile and load flows.c sized for `max_flows` entries (blocking: about a second)."""
-    try:
-        from bcc import BPF
-    except ImportError:
-        raise LoadError(
-            "the bcc Python module is missing (Debian: apt-get install python3-bpfcc; "
-            "`make setup` installs it and links it into the venv)"
-        ) from None
-    if not os.path.exists("/sys/kernel/btf/vmlinux"):
-        raise LoadError("this kernel has no BTF (/sys/kernel/btf/vmlinux): CONFIG_DEBUG_INFO_BTF")
-    headers = _headers()
-    if headers is None:
-        raise LoadError(
-            f"no kernel headers for BCC: /lib/modules/{os.uname().release}/build is missing "
-            "and BCC_KERNEL_SOURCE is unset (`make setup` links Debian's linux-headers-amd64 "
-            "there)"
-        )
-    cflags = [f"-DMAX_FLOWS={max_flows}", f"-DFALLBACK_PAGES={fallback_pages}", "-w"]
-    try:
-        bpf = BPF(src_file=str(SOURCE).encode(), cflags=cflags)
-        ingress = bpf.load_func(b"flow_ingress", BPF.SCHED_CLS)
-        egress = bpf.load_func(b"flow_egress", BPF.SCHED_CLS)
-    except Exception as exc:  # BCC raises bare Exceptions, with the errno in the text
-        text = " ".join(str(exc).split())
-        code = ctypes.get_errno()
-        if code in (errno.EPERM, errno.EACCES) or "Operation not permitted" in text:
-            raise LoadError(
-                "not allowed to load BPF programs: the agent needs CAP_BPF and CAP_PERFMON "
-                "(or CAP_SYS_ADMIN), as in build/yamls/antrea-flow-agent.yml"
-            ) from None
-        raise LoadError(
-            f"BCC could not compile or load {SOURCE.name} with {headers}: {text}"
-        ) from None
-    # LLVM's memory for the compiled module is no longer needed (tens of MB).
-    bpf.free_bcc_memory()
-    flows = bpf[b"flows"]
-    cpus = len(flows.Leaf()) if hasattr(flows.Leaf, "_length_") else 1
-    return CounterProgram(bpf, ingress.fd, egress.fd, flows.map_fd, max_flows, cpus)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        try:
+            helper = subprocess.Popen(
+                [sys.executable, "-m", "antrea_flow.ebpf.compile", str(theirs.fileno()),
+                 str(max_flows), str(fallback_pages)],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            )  # fmt: skip
+        except OSError as exc:
+            raise LoadError(f"cannot start the compiler helper: {exc}") from None
+        theirs.close()
+        ours.settimeout(COMPILE_TIMEOUT)
+        try:
+            message, descriptors, _, _ = socket.recv_fds(ours, 65536, len(HANDED))
+        except (OSError, TimeoutError) as exc:
+            helper.kill()
+            raise LoadError(f"the compiler helper did not answer: {exc}") from None
+        finally:
+            _, errors = helper.communicate(timeout=COMPILE_TIMEOUT)
+    answer = json.loads(message or b"{}") if message else {}
+    if "error" in answer or len(descriptors) != len(HANDED):
+        for fd in descriptors:
+            os.close(fd)
+        last = (errors or b"").decode(errors="replace").strip().splitlines()[-1:]
+        reason = answer.get("error") or (last[0] if last else "no reason given")
+        raise LoadError(reason)
+    ingress, egress, flows, counted, fallback, lost = descriptors
+    return CounterProgram(
+        ingress, egress, flows, counted, fallback, answer["fallback_size"], lost,
+        max_flows, possible_cpus(),
+    )  # fmt: skip
