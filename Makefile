@@ -13,11 +13,12 @@ STAMP := $(VENV)/.installed
 # Debian packages the product and its tests use: kernel tools for the lab and the agent
 # (iproute2, iptables, nftables, conntrack), tshark as the independent IPFIX decoder and
 # softflowd as an independent IPFIX exporter, iperf3 for traffic, libnetfilter-queue-dev
-# and a compiler for NetfilterQueue, the Python venv/headers, and for the eBPF counter path
-# BCC (python3-bpfcc) with Debian's kernel headers, which BCC compiles against.
+# and a compiler for NetfilterQueue, the Python venv/headers, for the eBPF counter path
+# BCC (python3-bpfcc) with Debian's kernel headers, which BCC compiles against, and the
+# eBPF benchmark's libpcap peers (tcpdump, pmacct).
 APT_PACKAGES := iproute2 iptables nftables conntrack tshark softflowd iperf3 procps \
 	libnetfilter-queue-dev build-essential python3-venv python3-dev \
-	python3-bpfcc linux-headers-amd64
+	python3-bpfcc linux-headers-amd64 tcpdump pmacct
 
 .PHONY: setup system-packages kernel-headers quickstart test bench lint fuzz manifests
 
