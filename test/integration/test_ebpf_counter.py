@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -210,5 +211,36 @@ def test_a_new_pod_interface_is_followed_and_a_removed_one_forgotten(net: NodeNe
         assert "antrea-flow-ingress" in filters(net, "vnew", "ingress")
         sh("ip", "-n", net.node, "link", "del", "vnew")
         nodenet.wait_until(lambda: counter.interfaces.attached == before, "the interface forgotten")
+    finally:
+        counter.stop()
+
+
+MANY_FLOWS_SCRIPT = """
+import socket, sys
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for _ in range(count):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(b"z" * 10, (host, port))
+"""
+
+
+def test_a_full_map_loses_nothing_through_the_ring_buffer(net: NodeNet):
+    counter = PacketCounter(net.node, 1024, gateway="br0")  # the smallest map
+    woken = []
+    counter.on_full = lambda: woken.append(True)
+    counter.start()
+    try:
+        counter.evict()
+        net.run(net.client, sys.executable, "-c", MANY_FLOWS_SCRIPT, SERVER_V4, str(UDP_PORT),
+                "1500")  # fmt: skip
+        nodenet.wait_until(lambda: woken, "the ring buffer's first record")
+        flows, _ = counter.evict()
+        mine = [
+            f for f in flows_of(flows, CLIENT_V4, SERVER_V4, 17) if f["key"]["dport"] == UDP_PORT
+        ]
+        assert sum(int(f["packets"]) for f in mine) == 1500
+        assert len({int(f["key"]["sport"]) for f in mine}) > 1024  # more than the map holds
+        assert set(counter.stats.fallback) == {"E2BIG"}  # the map was full: no room to add
+        assert counter.stats.lost == 0
     finally:
         counter.stop()
