@@ -124,6 +124,33 @@ async def _fetch_tls_context(api: ApiConnection) -> ssl.SSLContext:
     return context
 
 
+def _exporter(
+    config: AgentConfig, node_name: str, api: ApiConnection | None, packet_details: bool
+) -> ExportingProcess:
+    """The exporting process to the collector the config names."""
+    ssl_context = None
+    tls_credentials = None
+    server_name = None
+    if config.collector.protocol == "tls":
+        if config.tls_cert_dir or api is None:
+            ssl_context = _client_context(config)
+        else:
+            tls_credentials = functools.partial(_fetch_tls_context, api)
+        host = config.collector.host
+        server_name = AGGREGATOR_SERVICE_NAME if is_ip(host) else host
+    return ExportingProcess(
+        config.collector,
+        exporter_templates(packet_details),
+        observation_domain_id(node_name),
+        ssl_context=ssl_context,
+        tls_credentials=tls_credentials,
+        server_hostname=server_name,
+        replay_window=config.replay_window,
+        # A restarted agent must not continue a numbering the aggregator still follows.
+        first_sequence=random.SystemRandom().getrandbits(32),
+    )
+
+
 class Dumper(Protocol):
     """Where the conntrack table comes from (ConntrackDumper, or recorded dumps)."""
 
@@ -134,7 +161,7 @@ class Dumper(Protocol):
 
 class Agent:
     """One node's flow exporter. Its parts can be given (a recorded conntrack dumper, a
-    packet counter): otherwise it builds them from the config."""
+    packet counter, an exporting process): otherwise it builds them from the config."""
 
     def __init__(
         self,
@@ -146,6 +173,7 @@ class Agent:
         registry: CollectorRegistry | None = None,
         dumper: Dumper | None = None,
         counter: PacketCounter | None = None,
+        exporter: ExportingProcess | None = None,
     ):
         self.config = config
         self.node_name = node_name
@@ -181,28 +209,7 @@ class Agent:
             config.protocol_filter,
             counted=self.packet_details,
         )
-        ssl_context = None
-        tls_credentials = None
-        server_name = None
-        if config.collector.protocol == "tls":
-            if config.tls_cert_dir or self.api is None:
-                ssl_context = _client_context(config)
-            else:
-                api = self.api
-                tls_credentials = functools.partial(_fetch_tls_context, api)
-            host = config.collector.host
-            server_name = AGGREGATOR_SERVICE_NAME if is_ip(host) else host
-        self.exporter = ExportingProcess(
-            config.collector,
-            exporter_templates(self.packet_details),
-            observation_domain_id(node_name),
-            ssl_context=ssl_context,
-            tls_credentials=tls_credentials,
-            server_hostname=server_name,
-            replay_window=config.replay_window,
-            # A restarted agent must not continue a numbering the aggregator still follows.
-            first_sequence=random.SystemRandom().getrandbits(32),
-        )
+        self.exporter = exporter or _exporter(config, node_name, self.api, self.packet_details)
         # The deny-queue thread gets an enricher of its own: an enricher has one owner.
         self.denied = DenyStore(
             self.metadata.rule,
