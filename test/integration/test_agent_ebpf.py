@@ -5,7 +5,6 @@ record; and conntrack's counts agree with the counter's."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import time
@@ -14,20 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from antrea_flow.exporter.agent import Agent, enable_accounting
-from antrea_flow.exporter.config import EbpfConfig
+from antrea_flow.exporter.config import AgentConfig, EbpfConfig
 
 from . import nodenet
-from .ipfixkit import Clock, eventually, run
+from .ipfixkit import run
 from .nodenet import CLUSTER_V4, SERVER_V4, NodeNet
 from .test_agent_flows import (
-    NODE,
     POLL,
     TCP,
     UDP,
     Harness,
-    agent_config,
     assert_deltas_add_up,
+    driven_agent,
     in_thread,
     last_end,
 )
@@ -51,35 +48,18 @@ def inventory_file(tmp_path_factory) -> Path:
     return nodenet.write_inventory(tmp_path_factory.mktemp("agent-ebpf") / "inventory.yaml")
 
 
+def with_counter(config: AgentConfig) -> AgentConfig:
+    ebpf = EbpfConfig(enable=True, max_flows=4096, active_timeout=POLL)
+    return dataclasses.replace(config, ebpf=ebpf, host_gateway="br0")
+
+
 @contextlib.asynccontextmanager
 async def counting_agent(net: NodeNet, inventory: Path) -> AsyncIterator[Harness]:
     """A driven agent (see test_agent_flows.driven_agent) with the counter path on."""
-    harness = Harness(net, None, 0)  # type: ignore[arg-type]
-    await harness.start_collector()
-    clock = Clock(float(int(time.time()) + 3600))
-    config = dataclasses.replace(
-        agent_config(inventory, harness.port),
-        ebpf=EbpfConfig(enable=True, max_flows=4096, active_timeout=POLL),
-        host_gateway="br0",
-    )
-    agent = Agent(config, NODE, netns_name=net.node, clock=clock)
-    harness.agent, harness.clock = agent, clock
-    try:
-        agent.refresh_metadata()
-        enable_accounting(net.node)
-        agent.exporter.start()
-        await agent.start_counter()
-        assert agent.ebpf_loaded, "the counter did not load (see the log)"
-        await eventually(lambda: agent.exporter.stats.connected, "agent connected")
+    async with driven_agent(net, inventory, with_counter) as harness:
+        assert harness.agent.ebpf_loaded, "the counter did not load (see the log)"
         await harness.round(0.0)  # what came before the test
         yield harness
-    finally:
-        try:
-            stop = asyncio.Event()
-            stop.set()
-            await asyncio.wait_for(agent.run(stop), 15)
-        finally:
-            await harness.stop_collector()
 
 
 def test_untracked_traffic_is_a_record_of_its_own_with_exact_counts(net, inventory_file):

@@ -231,7 +231,11 @@ async def running_agent(
 
 
 @contextlib.asynccontextmanager
-async def driven_agent(net: NodeNet, inventory: Path) -> AsyncIterator[Harness]:
+async def driven_agent(
+    net: NodeNet,
+    inventory: Path,
+    configure: Callable[[AgentConfig], AgentConfig] = lambda config: config,
+) -> AsyncIterator[Harness]:
     """An agent whose rounds the test runs (`Harness.round`) on a clock only the test moves:
     which timeout fires when then depends on the traffic and the times the test chose,
     never on how the scheduler spaced real polls. (The run loop, with real time, is what
@@ -244,13 +248,15 @@ async def driven_agent(net: NodeNet, inventory: Path) -> AsyncIterator[Harness]:
     harness = Harness(net, None, 0)  # type: ignore[arg-type]
     await harness.start_collector()
     clock = Clock(float(int(time.time()) + 3600))
-    agent = Agent(agent_config(inventory, harness.port), NODE, netns_name=net.node, clock=clock)
+    config = configure(agent_config(inventory, harness.port))
+    agent = Agent(config, NODE, netns_name=net.node, clock=clock)
     harness.agent, harness.clock = agent, clock
     try:
         # What the run loop does before its first round.
         agent.refresh_metadata()
         enable_accounting(net.node)
         agent.exporter.start()
+        await agent.start_counter()
         await eventually(lambda: agent.exporter.stats.connected, "agent connected")
         yield harness
     finally:

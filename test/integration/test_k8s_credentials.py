@@ -221,13 +221,8 @@ def test_an_agent_without_the_objects_says_what_is_missing(api, tmp_path):
     assert "403" in str(info.value) and "verb 'get'" in str(info.value)
 
 
-def test_an_agent_fetches_its_certificate_and_completes_mutual_tls_with_the_aggregator(
-    api, tmp_path, caplog
-):
-    """The agent starts first (nothing to fetch yet, it retries), the aggregator publishes
-    the credentials through the API, the agent fetches them and its records arrive."""
-    caplog.set_level(logging.INFO)
-    port = free_port()
+def aggregator_conf(api: FakeApiServer, tmp_path: Path, port: int) -> Path:
+    """A TLS aggregator on 127.0.0.1:`port` whose certificates go through `api`."""
     conf = tmp_path / "flow-aggregator.conf"
     conf.write_text(
         f"listenAddress: 127.0.0.1:{port}\n"
@@ -237,7 +232,17 @@ def test_an_agent_fetches_its_certificate_and_completes_mutual_tls_with_the_aggr
         "stateDir: ''\n"
         "flowExportInterval: 1s\n"
     )
-    aggregator = Aggregator(load_aggregator_config(conf))
+    return conf
+
+
+def test_an_agent_fetches_its_certificate_and_completes_mutual_tls_with_the_aggregator(
+    api, tmp_path, caplog
+):
+    """The agent starts first (nothing to fetch yet, it retries), the aggregator publishes
+    the credentials through the API, the agent fetches them and its records arrive."""
+    caplog.set_level(logging.INFO)
+    port = free_port()
+    aggregator = Aggregator(load_aggregator_config(aggregator_conf(api, tmp_path, port)))
     connection = connect(api, tmp_path)
 
     async def scenario() -> None:
@@ -280,14 +285,7 @@ def test_an_agent_that_no_longer_trusts_the_aggregator_fetches_again(api, tmp_pa
     records arrive."""
     caplog.set_level(logging.INFO)
     port = free_port()
-    conf = tmp_path / "flow-aggregator.conf"
-    conf.write_text(
-        f"listenAddress: 127.0.0.1:{port}\n"
-        f"clientConnection: {{kubeconfig: {api.kubeconfig(tmp_path / 'kubeconfig')}}}\n"
-        f"certDir: {tmp_path / 'certs'}\n"
-        'metricsBindAddress: ""\n'
-        "stateDir: ''\n"
-    )
+    conf = aggregator_conf(api, tmp_path, port)
     connection = connect(api, tmp_path)
     record = {"sourceIPv4Address": "10.10.1.5", "destinationIPv4Address": "10.10.1.6",
               "protocolIdentifier": 6, "flowEndReason": 3}  # fmt: skip
