@@ -454,3 +454,36 @@ def test_every_record_of_a_reused_5_tuple_can_be_sent_over_ipfix():
     for exported in out:
         assert all(exported[name] >= 0 for name in exported if "hroughput" in name)
         AGGREGATOR_V4.encode_mapping(exported)
+
+
+# -- what agents with the counter path add -----------------------------------------------------
+
+DETAILED_V4 = exporter_templates(packet_details=True)[0]
+
+
+def detailed(side: str, end: int, total, flags: int, start_ms: int, end_ms: int) -> dict:
+    out = dict(zip(DETAILED_V4.keys, DETAILED_V4.values_from({}), strict=True))
+    out.update(record(side, end, total))
+    out.update(tcpControlBits=flags, flowStartMilliseconds=start_ms, flowEndMilliseconds=end_ms)
+    return out
+
+
+def test_flags_are_or_ed_and_packet_times_span_both_nodes():
+    store = new_store()
+    store.add(detailed("source", 1005, (5, 500, 4, 400), 0x02, 1_000_250, 1_004_900), NODE1, 1006)
+    store.add(detailed("destination", 1005, (5, 500, 4, 400), 0x11, 1_000_200, 1_005_100), NODE2,
+              1006)  # fmt: skip
+    (exported,) = store.expire(1007)
+    assert exported["tcpControlBits"] == 0x13
+    assert exported["flowStartMilliseconds"] == 1_000_200
+    assert exported["flowEndMilliseconds"] == 1_005_100
+    assert set(AGGREGATOR_V4.keys) >= {"tcpControlBits", "flowStartMilliseconds"}
+
+
+def test_without_the_counter_the_times_are_the_seconds_and_the_flags_zero():
+    store = new_store()
+    store.add(record("intra", 1007, (5, 500, 4, 400)), NODE1, 1008)
+    (exported,) = store.expire(1009)
+    assert exported["flowStartMilliseconds"] == START * 1000
+    assert exported["flowEndMilliseconds"] == 1007 * 1000
+    assert exported.get("tcpControlBits", 0) == 0
