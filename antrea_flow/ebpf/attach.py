@@ -24,7 +24,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from ..conntrack.netns import netns_path, socket_in
+from ..conntrack.netns import entered, socket_in
 from . import bpfsys
 from .program import CounterProgram
 
@@ -84,9 +84,12 @@ class Interfaces:
         """Attach to what is there now (blocking), then follow link events in a thread."""
         from pyroute2 import IPRoute
 
-        kwargs = {"netns": netns_path(self.netns)} if self.netns else {}
         try:
-            self._ipr = IPRoute(**kwargs)
+            # Made inside the namespace (a socket stays in the namespace it was made in):
+            # pyroute2's own netns option forks a helper, and a child forked from a process
+            # whose event loop handles signals wakes that loop with the signals it gets.
+            with entered(self.netns):
+                self._ipr = IPRoute()
             # Link events only say when to look again (pyroute2 buffers what it reads, so
             # its own sockets cannot be waited on).
             self._events = socket_in(self.netns, socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_ROUTE)

@@ -88,7 +88,10 @@ def net() -> NodeNet:
 
 
 @pytest.mark.root
-def test_agent_exports_to_collector_process_and_exits_on_sigterm(net, tmp_path):
+@pytest.mark.parametrize("ebpf", [False, pytest.param(True, marks=pytest.mark.ebpf)])
+def test_agent_exports_to_collector_process_and_exits_on_sigterm(net, tmp_path, ebpf):
+    """With the counter path too: its loading forks nothing that could signal the agent's
+    loop (pyroute2's netns option did: the agent stopped a second after loading)."""
     net.flush_conntrack()
     collector_port = free_port()
     metrics_port = free_port()
@@ -100,6 +103,7 @@ def test_agent_exports_to_collector_process_and_exits_on_sigterm(net, tmp_path):
         metricsBindAddress=f"127.0.0.1:{metrics_port}",
         # Antrea's other agent keys are accepted (the same ConfigMap works).
         trafficEncapMode="encap",
+        **({"ebpf": {"enable": True}, "hostGateway": "br0"} if ebpf else {}),
     )
     collector_args = [
         *command(),
@@ -131,6 +135,15 @@ def test_agent_exports_to_collector_process_and_exits_on_sigterm(net, tmp_path):
                 WAIT,
             )
             assert agent.poll() is None, text(tmp_path, "agent.err")
+            if ebpf:
+                wait_until(
+                    lambda: (
+                        "eBPF packet counter loaded" in text(tmp_path, "agent.err")
+                        or agent.poll() is not None
+                    ),
+                    "the counter loaded",
+                    WAIT,
+                )
             port = net.udp_burst(CLUSTER_V4, nodenet.SERVICE_DNS_PORT, 20, 100)
 
             def flow() -> list[dict[str, Any]]:
@@ -172,6 +185,11 @@ def test_agent_exports_to_collector_process_and_exits_on_sigterm(net, tmp_path):
     assert last["templateId"] == 256 and last["exporterIPv4Address"] == "127.0.0.1"
     assert "antrea_agent_flow_collector_reconnection_count 1.0" in metrics
     assert "antrea_agent_conntrack_poll_cycle_duration_seconds_count" in metrics
+    assert ("tcpControlBits" in last) == ebpf
+    if ebpf:
+        assert "antrea_agent_ebpf_loaded 1.0" in metrics
+        shown = net.run(net.node, "tc", "filter", "show", "dev", "vc", "ingress").stdout
+        assert "antrea-flow" not in shown  # detached on SIGTERM
 
 
 def test_agent_with_flow_exporter_gate_off_exits_zero(tmp_path):

@@ -6,6 +6,7 @@ filter survive, and filters left by an agent that did not stop are replaced."""
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import sys
@@ -244,3 +245,17 @@ def test_a_full_map_loses_nothing_through_the_ring_buffer(net: NodeNet):
         assert counter.stats.lost == 0
     finally:
         counter.stop()
+
+
+def test_attaching_in_another_namespace_forks_no_process(net: NodeNet, monkeypatch):
+    """A child forked from the agent keeps its asyncio signal handling: the signal that
+    ends such a child reached the agent's loop, which stopped (pyroute2's netns option
+    forks a helper). The compiler helper is started by exec, not fork."""
+
+    def no_fork() -> int:
+        raise AssertionError("os.fork() called while starting the counter")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    counter = PacketCounter(net.node, 1024, gateway="br0")
+    counter.start()
+    counter.stop()
