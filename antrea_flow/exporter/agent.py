@@ -258,7 +258,7 @@ class Agent:
         between the two shows in conntrack's counters, never in neither."""
         if self._dumper is None:
             self._dumper = ConntrackDumper(self.netns_name, self.config.conntrack_zone)
-        self.evict_counted()
+        self.evict_counted(force=True)
         started = time.perf_counter()
         dump = self._parser.parse(self._dumper.dump())
         now = self.clock()
@@ -279,8 +279,10 @@ class Agent:
         return len(dump)
 
     def evict_counted(self, force: bool = False) -> None:
-        """Take the counter's flows out of the kernel when due (every cacheActiveTimeout,
-        at once when its map is full, or `force`), to be merged by the next poll."""
+        """Take the counter's flows out of the kernel, to be merged by the next poll: at
+        every poll (`force`: so that a flow's activity is known at each poll, as its idle
+        timeout needs), between polls every cacheActiveTimeout if that is shorter, and
+        at once when the map is full."""
         counter = self.counter
         if counter is None or not self.ebpf_loaded:
             return
@@ -383,9 +385,14 @@ class Agent:
                     next_poll += interval
                     if next_poll <= self.clock():  # fell behind: skip, do not burst
                         next_poll = self.clock() + interval
+                elif self.ebpf_loaded and now >= self._next_eviction:
+                    await loop.run_in_executor(None, self.evict_counted)
                 self.export_due()
                 wake = next_poll
-                for due in (self.store.next_expiry(), self.denied.next_expiry()):
+                due_times = [self.store.next_expiry(), self.denied.next_expiry()]
+                if self.ebpf_loaded:
+                    due_times.append(self._next_eviction)
+                for due in due_times:
                     if due is not None:
                         wake = min(wake, due)
                 if await self._sleep(stop, max(0.0, wake - self.clock())):

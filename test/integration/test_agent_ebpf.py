@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,6 +34,17 @@ pytestmark = [pytest.mark.root, pytest.mark.ebpf]
 
 UNTRACKED_PORT = nodenet.UNCOMMITTED_UDP_PORT  # a sink; here conntrack never sees it
 SYN, FIN, ACK = 0x02, 0x01, 0x10
+# One UDP socket: its port first, then for each line N on stdin N datagrams and "ok".
+STEADY_SENDER = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((sys.argv[1], int(sys.argv[2])))
+print(s.getsockname()[1], flush=True)
+for line in sys.stdin:
+    for _ in range(int(line)):
+        s.send(b"s" * 50)
+    print("ok", flush=True)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +126,34 @@ def test_conntracks_flows_are_still_in_exactly_one_record(net, inventory_file):
     # No record of the counter's for the same packets (either address they had).
     others = [r for r in everything if r["sourceTransportPort"] == port and r not in records]
     assert others == []
+
+
+def test_an_untracked_flow_stays_one_flow_across_polls_whatever_the_eviction_period(
+    net, inventory_file
+):
+    """The map is emptied at every poll: with a cacheActiveTimeout longer than the idle
+    timeout, a steady untracked flow looked idle between evictions and was split in two."""
+
+    def slow_evictions(config: AgentConfig) -> AgentConfig:
+        ebpf = EbpfConfig(enable=True, max_flows=4096, active_timeout=30.0)
+        return dataclasses.replace(config, ebpf=ebpf, host_gateway="br0")
+
+    async def scenario():
+        async with driven_agent(net, inventory_file, slow_evictions) as h:
+            await h.round(0.0)
+            pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
+            sender = net.python(net.client, STEADY_SENDER, SERVER_V4, str(UNTRACKED_PORT), **pipes)
+            port = int(nodenet.read_line(sender, "the sender's port"))
+            for _ in range(5):  # a burst each poll, from one socket, for five polls
+                sender.stdin.write("10\n")
+                sender.stdin.flush()
+                nodenet.read_line(sender, "the burst sent")
+                await h.round()
+            sender.stdin.close()
+            return port, await h.rounds_until(UDP, port, last_end(1), "its idle record")
+
+    port, records = run(scenario())
+    assert [r["flowEndReason"] for r in records].count(1) == 1  # one end, at the end
+    assert len({r["flowStartSeconds"] for r in records}) == 1
+    assert sum(r["packetDeltaCount"] for r in records) == 50
+    assert_deltas_add_up(records)
