@@ -21,7 +21,7 @@ import select
 import socket
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ..conntrack.netns import entered, socket_in
@@ -75,34 +75,45 @@ class Interfaces:
         self._gateway_index: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._ipr: Any = None
+        self._started = False
         self._events: Any = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Attach to what is there now (blocking), then follow link events in a thread."""
+    @contextlib.contextmanager
+    def _route(self) -> Iterator[Any]:
+        """A route socket of the namespace, for this thread's next operations. Made inside
+        the namespace (a socket stays in the namespace it was made in) and by the thread
+        that uses it: pyroute2's own netns option forks a helper (a child forked from a
+        process whose event loop handles signals wakes that loop with the signals it
+        gets), and its sockets do not follow a thread's namespace."""
         from pyroute2 import IPRoute
 
+        with entered(self.netns):
+            ipr = IPRoute()
         try:
-            # Made inside the namespace (a socket stays in the namespace it was made in):
-            # pyroute2's own netns option forks a helper, and a child forked from a process
-            # whose event loop handles signals wakes that loop with the signals it gets.
-            with entered(self.netns):
-                self._ipr = IPRoute()
+            yield ipr
+        finally:
+            ipr.close()
+
+    def start(self) -> None:
+        """Attach to what is there now (blocking), then follow link events in a thread."""
+        try:
             # Link events only say when to look again (pyroute2 buffers what it reads, so
             # its own sockets cannot be waited on).
             self._events = socket_in(self.netns, socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_ROUTE)
             self._events.bind((0, _RTMGRP_LINK))
             self._events.setblocking(False)
+            with self._route() as ipr:
+                links = list(ipr.get_links())
+                for link in links:
+                    self._remove_own(ipr, link["index"])  # left by an agent that died
+                for link in links:
+                    self._consider(ipr, link)
         except OSError as exc:
             where = self.netns or "this namespace"
-            raise AttachError(f"cannot open netlink in {where}: {exc}") from None
-        links = list(self._ipr.get_links())
-        for link in links:
-            self._remove_stale(link["index"])
-        for link in links:
-            self._consider(link)
+            raise AttachError(f"cannot use netlink in {where}: {exc}") from None
+        self._started = True
         self._thread = threading.Thread(target=self._follow, name="ebpf-links", daemon=True)
         self._thread.start()
 
@@ -111,16 +122,16 @@ class Interfaces:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
-        if self._ipr is None:
+        if not self._started:
             return
-        for index in list(self.attached):
-            self._detach(index)
+        with self._route() as ipr:
+            for index in list(self.attached):
+                self._detach(ipr, index)
         self.attached = frozenset()
         if self._gateway_index is not None:
             self._counted_set(self._gateway_index, False)
-        self._ipr.close()
         self._events.close()
-        self._ipr = self._events = None
+        self._started = False
 
     # -- the thread ----------------------------------------------------------------------
 
@@ -142,9 +153,10 @@ class Interfaces:
     def _reconcile(self) -> None:
         """Attach to the Pod-facing interfaces there are now; forget the ones gone."""
         present = set()
-        for link in self._ipr.get_links():
-            present.add(link["index"])
-            self._consider(link)
+        with self._route() as ipr:
+            for link in ipr.get_links():
+                present.add(link["index"])
+                self._consider(ipr, link)
         for index in self.attached - present:
             self._forget(index)
 
@@ -156,16 +168,16 @@ class Interfaces:
             return name in self.names
         return _kind(link) == "veth" and bool(link.get_attr("IFLA_MASTER")) and name != self.gateway
 
-    def _consider(self, link: Any) -> None:
+    def _consider(self, ipr: Any, link: Any) -> None:
         index = link["index"]
         if _name(link) == self.gateway and not self.names:
             self._gateway_index = index
             self._counted_set(index, True)
             return
         if self._pod_facing(link) and index not in self.attached:
-            self._attach(index, _name(link))
+            self._attach(ipr, index, _name(link))
         elif not self._pod_facing(link) and index in self.attached:
-            self._detach(index)
+            self._detach(ipr, index)
 
     def _forget(self, index: int) -> None:
         # The kernel removed its filters with it.
@@ -183,8 +195,7 @@ class Interfaces:
         else:
             bpfsys.delete(self.program.counted_fd, key)
 
-    def _attach(self, index: int, name: str) -> None:
-        ipr = self._ipr
+    def _attach(self, ipr: Any, index: int, name: str) -> None:
         try:
             if not any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index)):
                 ipr.tc("add", "clsact", index)
@@ -204,11 +215,12 @@ class Interfaces:
         self.attached = self.attached | {index}
         log.debug("packet counter attached to %s", name)
 
-    def _own_filters(self, index: int) -> list[tuple[int, Any]]:
+    @staticmethod
+    def _own_filters(ipr: Any, index: int) -> list[tuple[int, Any]]:
         own = []
         for direction, parent in PARENTS.items():
             try:
-                filters = self._ipr.get_filters(index, parent=parent)
+                filters = ipr.get_filters(index, parent=parent)
             except Exception:
                 continue
             for f in filters:
@@ -218,22 +230,18 @@ class Interfaces:
                     own.append((parent, f))
         return own
 
-    def _remove_own(self, index: int) -> None:
+    def _remove_own(self, ipr: Any, index: int) -> None:
         """Delete the filters of ours on `index` (by name, priority and handle: a filter
         of someone else's is never touched)."""
-        for parent, f in self._own_filters(index):
+        for parent, f in self._own_filters(ipr, index):
             with contextlib.suppress(Exception):  # gone meanwhile
-                self._ipr.tc(
-                    "del-filter", "bpf", index, f["handle"], parent=parent, prio=f["info"] >> 16
-                )
+                ipr.tc("del-filter", "bpf", index, f["handle"], parent=parent, prio=f["info"] >> 16)
 
-    _remove_stale = _remove_own  # what an agent that did not stop cleanly left
-
-    def _detach(self, index: int) -> None:
-        self._remove_own(index)
+    def _detach(self, ipr: Any, index: int) -> None:
+        self._remove_own(ipr, index)
         if index in self._qdiscs_added:
             with contextlib.suppress(Exception):
-                self._ipr.tc("del", "clsact", index)
+                ipr.tc("del", "clsact", index)
             self._qdiscs_added.discard(index)
         self._counted_set(index, False)
         self.attached = self.attached - {index}

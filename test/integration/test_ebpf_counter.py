@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import subprocess
 import sys
 from collections.abc import Iterator
 
@@ -178,10 +179,26 @@ def test_detach_leaves_the_interfaces_as_they_were(net: NodeNet):
         sh(*tc, "qdisc", "del", "dev", "vx", "clsact", check=False)
 
 
-def test_filters_of_an_agent_that_did_not_stop_are_replaced(net: NodeNet):
-    crashed = PacketCounter(net.node, 1024, gateway="br0")
-    crashed.start()
-    crashed.interfaces = None  # as if its process died: its filters stay
+CRASHING_AGENT = """
+import sys
+from antrea_flow.ebpf.counter import PacketCounter
+PacketCounter(sys.argv[1], 1024, gateway="br0").start()
+print("attached", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_filters_of_an_agent_that_was_killed_are_replaced(net: NodeNet):
+    crashed = subprocess.Popen(
+        [sys.executable, "-c", CRASHING_AGENT, net.node],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert nodenet.read_line(crashed, "the first agent attached") == "attached"
+    finally:
+        crashed.kill()  # no detaching: its filters stay, holding its programs
+        crashed.wait(10)
+    assert "antrea-flow-ingress" in filters(net, "vc", "ingress")
     restarted = PacketCounter(net.node, 1024, gateway="br0")
     try:
         restarted.start()
@@ -195,7 +212,6 @@ def test_filters_of_an_agent_that_did_not_stop_are_replaced(net: NodeNet):
         assert flow["packets"] == 5
     finally:
         restarted.stop()
-        crashed.stop()
     assert "antrea-flow" not in filters(net, "vc", "ingress")
 
 
