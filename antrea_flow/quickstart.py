@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -216,7 +217,10 @@ class Quickstart:
         )
         self._spawn("aggregator", ["aggregator", "--config", str(config)])
         self.agent_configs = []
+        self.agent_metrics_ports = []
         for node in cluster.nodes:
+            metrics_port = _free_port()
+            self.agent_metrics_ports.append(metrics_port)
             path = _write_yaml(
                 self.output / f"antrea-agent-{node.name}.conf",
                 {
@@ -227,7 +231,7 @@ class Quickstart:
                     "idleFlowExportTimeout": "2s",
                     "inventoryFile": str(inventory),
                     "tlsCertDir": str(certs),
-                    "metricsBindAddress": f"127.0.0.1:{_free_port()}",
+                    "metricsBindAddress": f"127.0.0.1:{metrics_port}",
                     "denyQueue": 1,
                     "ebpf": {"enable": True},
                 },
@@ -277,9 +281,13 @@ class Quickstart:
         try:
             out, _ = await asyncio.wait_for(process.communicate(), timeout)
         except TimeoutError:
-            process.kill()
-            await process.wait()
             return ""
+        finally:
+            # Also when the traffic is cancelled: nothing it started may send packets while
+            # the agents stop (a Node that stopped first would miss its half of them).
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
         return out.decode()
 
     async def _probes(self) -> None:
@@ -365,7 +373,10 @@ class Quickstart:
                 flush=True,
             )
             self.table = Table()
-            await asyncio.sleep(1.5)  # the agents' first poll
+            await self._wait(
+                lambda: all(_ready(port) for port in self.agent_metrics_ports),
+                "the agents' first poll (their /readyz)",
+            )
             tasks = [asyncio.create_task(self._probes()), asyncio.create_task(self._iperf()),
                      asyncio.create_task(self._untracked_udp())]  # fmt: skip
             stop = asyncio.Event()
@@ -433,6 +444,15 @@ class Quickstart:
             )
         unexpected = any(seen != expected for seen, expected in self.outcomes.values())
         return 0 if records and not unexpected else 1
+
+
+def _ready(port: int) -> bool:
+    """The component whose metrics endpoint is on `port` says it is ready."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as answer:
+            return answer.status == 200
+    except OSError:  # not listening yet, or 503
+        return False
 
 
 def _listening(port: int) -> bool:

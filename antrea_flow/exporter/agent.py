@@ -350,9 +350,14 @@ class Agent:
         self.refresh_metadata()  # a bad inventory stops start-up before any side effect
         enable_accounting(self.netns_name)
         self.exporter.start()
-        await self.start_counter()
+        # Denied packets first: until it listens the dataplane lets them go unrecorded,
+        # and loading the counter takes a second.
+        if self.deny_queue is not None:
+            self.deny_queue.start()
         if self.watch is not None:
             self.watch.start()
+        await self.start_counter()
+        if self.watch is not None:
             if self.config.metadata_sync_timeout > 0:
                 await self.watch.wait_synced(self.config.metadata_sync_timeout)
         elif self.inventory is None:
@@ -361,8 +366,6 @@ class Agent:
                 "running in a Pod): the agent cannot tell this Node's Pods and exports no "
                 "records"
             )
-        if self.deny_queue is not None:
-            self.deny_queue.start()
         loop = asyncio.get_running_loop()
         interval = self.config.poll_interval
         next_poll = self.clock()
