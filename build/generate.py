@@ -65,6 +65,27 @@ def rule(group: str, resources: list[str], verbs: list[str], names: list[str] | 
     return out
 
 
+def binding(
+    name: str,
+    namespace: str | None,
+    labels: dict[str, str],
+    role: str,
+    subjects: list[tuple[str, str]],
+) -> dict[str, Any]:
+    """A RoleBinding (namespaced) or ClusterRoleBinding of ServiceAccounts (namespace,
+    name) to the role of the same scope."""
+    kind = "RoleBinding" if namespace else "ClusterRoleBinding"
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": kind,
+        "metadata": meta(name, namespace, labels),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io",
+                    "kind": kind.removesuffix("Binding"), "name": role},
+        "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": account_ns}
+                     for account_ns, account in subjects],
+    }  # fmt: skip
+
+
 def env_from_field(name: str, path: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
@@ -103,14 +124,8 @@ def aggregator_objects() -> list[dict[str, Any]]:
             "metadata": meta("flow-aggregator-role", None, labels),
             "rules": [rule("", ["pods", "nodes", "services"], ["list", "watch"])],
         },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRoleBinding",
-            "metadata": meta("flow-aggregator-cluster-role-binding", None, labels),
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                        "name": "flow-aggregator-role"},
-            "subjects": [{"kind": "ServiceAccount", "name": "flow-aggregator", "namespace": ns}],
-        },
+        binding("flow-aggregator-cluster-role-binding", None, labels, "flow-aggregator-role",
+                [(ns, "flow-aggregator")]),
         {
             # The CA hand-off: the aggregator creates, reads and updates its three objects
             # (a create cannot be limited by name in RBAC, hence the separate rules).
@@ -124,14 +139,8 @@ def aggregator_objects() -> list[dict[str, Any]]:
                 rule("", ["secrets"], ["get", "update"], [CA_SECRET, CLIENT_SECRET]),
             ],
         },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": meta("flow-aggregator-role-binding", ns, labels),
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                        "name": "flow-aggregator-role"},
-            "subjects": [{"kind": "ServiceAccount", "name": "flow-aggregator", "namespace": ns}],
-        },
+        binding("flow-aggregator-role-binding", ns, labels, "flow-aggregator-role",
+                [(ns, "flow-aggregator")]),
         {
             # What agents fetch: the CA bundle and the client certificate, nothing else.
             "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -142,15 +151,9 @@ def aggregator_objects() -> list[dict[str, Any]]:
                 rule("", ["secrets"], ["get"], [CLIENT_SECRET]),
             ],
         },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": meta("flow-aggregator-exporter-role-binding", ns, labels),
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                        "name": "flow-aggregator-exporter-role"},
-            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": AGENT_NAMESPACE}
-                         for account in AGENT_SERVICE_ACCOUNTS],
-        },
+        binding("flow-aggregator-exporter-role-binding", ns, labels,
+                "flow-aggregator-exporter-role",
+                [(AGENT_NAMESPACE, account) for account in AGENT_SERVICE_ACCOUNTS]),
         {
             "apiVersion": "v1",
             "kind": "Service",
@@ -276,15 +279,8 @@ def agent_objects() -> list[dict[str, Any]]:
                      ["list", "watch"]),
             ],
         },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRoleBinding",
-            "metadata": meta("antrea-flow-agent", None, labels),
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                        "name": "antrea-flow-agent"},
-            "subjects": [{"kind": "ServiceAccount", "name": "antrea-flow-agent",
-                          "namespace": AGENT_NAMESPACE}],
-        },
+        binding("antrea-flow-agent", None, labels, "antrea-flow-agent",
+                [(AGENT_NAMESPACE, "antrea-flow-agent")]),
         agent_daemonset(),
     ]  # fmt: skip
 

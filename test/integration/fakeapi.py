@@ -496,16 +496,22 @@ class _Handler(BaseHTTPRequestHandler):
                 since = max(since, version)
                 next_bookmark = time.monotonic() + api.bookmark_interval
 
-    def _body(self) -> dict[str, Any]:
+    def _write(self) -> tuple[Request, dict[str, Any]] | None:
+        """A create or update and its body (always read, so the connection stays usable);
+        None when it was refused and answered."""
+        request, _ = self._request()
         length = int(self.headers.get("Content-Length") or 0)
-        return json.loads(self.rfile.read(length) or b"{}")
+        body = json.loads(self.rfile.read(length) or b"{}")
+        if self._refuse(request):
+            return None
+        assert request is not None
+        return request, body
 
     def do_POST(self) -> None:
-        request, _ = self._request()
-        body = self._body()
-        if self._refuse(request):
+        write = self._write()
+        if write is None:
             return
-        assert request is not None
+        request, body = write
         api = self.api
         name = body.get("metadata", {}).get("name", "")
         request = Request(request.method, "create", request.resource, request.namespace, name, 0)
@@ -520,11 +526,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._finish(request, 201, stored)
 
     def do_PUT(self) -> None:
-        request, _ = self._request()
-        body = self._body()
-        if self._refuse(request):
+        write = self._write()
+        if write is None:
             return
-        assert request is not None
+        request, body = write
         api = self.api
         with api._cond:
             current = api._objects[request.resource].get((request.namespace, request.name))

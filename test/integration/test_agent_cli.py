@@ -75,6 +75,16 @@ def text(directory: Path, name: str) -> str:
     return (directory / name).read_text()
 
 
+def logged(process: subprocess.Popen, directory: Path, name: str, line: str) -> None:
+    """Wait until the background process `name` logs `line`; it must still be running."""
+    wait_until(
+        lambda: line in text(directory, f"{name}.err") or process.poll() is not None,
+        f"{name}: {line!r}",
+        WAIT,
+    )
+    assert process.poll() is None, text(directory, f"{name}.err")
+
+
 def json_records(directory: Path, name: str) -> list[dict[str, Any]]:
     # Only complete lines: the collector may be in the middle of writing one.
     content = text(directory, name)
@@ -116,34 +126,11 @@ def test_agent_exports_to_collector_process_and_exits_on_sigterm(net, tmp_path, 
     agent_args = [*command(), "agent", "--config", str(config), "--node-name", "node-1"]
     agent_args += ["--netns", net.node]
     with background(collector_args, tmp_path, "collector") as collector:
-        wait_until(
-            lambda: (
-                "collecting IPFIX on" in text(tmp_path, "collector.err")
-                or collector.poll() is not None
-            ),
-            "the collector listening",
-            WAIT,
-        )
-        assert collector.poll() is None, text(tmp_path, "collector.err")
+        logged(collector, tmp_path, "collector", "collecting IPFIX on")
         with background(agent_args, tmp_path, "agent") as agent:
-            wait_until(
-                lambda: (
-                    "connected to collector" in text(tmp_path, "agent.err")
-                    or agent.poll() is not None
-                ),
-                "the agent connected",
-                WAIT,
-            )
-            assert agent.poll() is None, text(tmp_path, "agent.err")
+            logged(agent, tmp_path, "agent", "connected to collector")
             if ebpf:
-                wait_until(
-                    lambda: (
-                        "eBPF packet counter loaded" in text(tmp_path, "agent.err")
-                        or agent.poll() is not None
-                    ),
-                    "the counter loaded",
-                    WAIT,
-                )
+                logged(agent, tmp_path, "agent", "eBPF packet counter loaded")
             port = net.udp_burst(CLUSTER_V4, nodenet.SERVICE_DNS_PORT, 20, 100)
 
             def flow() -> list[dict[str, Any]]:

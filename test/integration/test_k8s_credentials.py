@@ -65,6 +65,20 @@ def writes(api: FakeApiServer) -> int:
     return len(api.requests_of("create")) + len(api.requests_of("update"))
 
 
+def _fetching_exporter(connection, port: int) -> ExportingProcess:
+    """An agent's exporter that fetches its TLS credentials through the API, as the agent
+    does, and retries quickly."""
+    return ExportingProcess(
+        TransportAddress("127.0.0.1", port, "tls"),
+        exporter_templates(),
+        7,
+        tls_credentials=functools.partial(_fetch_tls_context, connection),
+        server_hostname="localhost",
+        backoff_initial=0.05,
+        backoff_max=0.2,
+    )
+
+
 def test_the_aggregator_creates_the_ca_the_configmap_and_the_client_secret(api, tmp_path):
     credentials = ClusterCertificates(connect(api, tmp_path), NS).sync()
     ca_secret = api.get("secrets", NS, CA_SECRET)
@@ -246,15 +260,7 @@ def test_an_agent_fetches_its_certificate_and_completes_mutual_tls_with_the_aggr
     connection = connect(api, tmp_path)
 
     async def scenario() -> None:
-        exporter = ExportingProcess(
-            TransportAddress("127.0.0.1", port, "tls"),
-            exporter_templates(),
-            7,
-            tls_credentials=functools.partial(_fetch_tls_context, connection),
-            server_hostname="localhost",
-            backoff_initial=0.05,
-            backoff_max=0.2,
-        )
+        exporter = _fetching_exporter(connection, port)
         exporter.start()
         await eventually(lambda: exporter.stats.connect_failures >= 2, "failed attempts")
         assert not aggregator.listening
@@ -291,15 +297,7 @@ def test_an_agent_that_no_longer_trusts_the_aggregator_fetches_again(api, tmp_pa
               "protocolIdentifier": 6, "flowEndReason": 3}  # fmt: skip
 
     async def scenario() -> None:
-        exporter = ExportingProcess(
-            TransportAddress("127.0.0.1", port, "tls"),
-            exporter_templates(),
-            7,
-            tls_credentials=functools.partial(_fetch_tls_context, connection),
-            server_hostname="localhost",
-            backoff_initial=0.05,
-            backoff_max=0.2,
-        )
+        exporter = _fetching_exporter(connection, port)
         first = Aggregator(load_aggregator_config(conf))
         stop = asyncio.Event()
         task = asyncio.create_task(first.run(stop))
