@@ -315,12 +315,23 @@ def connection(record: dict[str, Any]) -> tuple:
 
 def connections(records: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
     """Records by connection, each connection's in export order (flowEndSeconds, then the
-    order they arrived in)."""
-    out: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    order they arrived in). A record whose first packet came after the previous record's
+    last is a new connection on that 5-tuple (untracked traffic, counted by the eBPF path,
+    is a connection until it is idle): the key's last item numbers them."""
+    by_tuple: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
-        out[connection(record)].append(record)
-    for group in out.values():
+        by_tuple[connection(record)].append(record)
+    out: dict[tuple, list[dict[str, Any]]] = {}
+    for key, group in by_tuple.items():
         group.sort(key=lambda r: r.get("flowEndSeconds", 0))  # stable: arrival order kept
+        number = 0
+        for previous, record in zip([None, *group], group, strict=False):
+            if (
+                previous is not None
+                and record["flowStartMilliseconds"] > previous["flowEndMilliseconds"]
+            ):
+                number += 1
+            out.setdefault((*key, number), []).append(record)
     return out
 
 
