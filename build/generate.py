@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from antrea_flow.aggregator.config import CLICKHOUSE_CA
 from antrea_flow.k8s.credentials import CA_CONFIGMAP, CA_SECRET, CLIENT_SECRET, DEFAULT_NAMESPACE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +38,8 @@ AGGREGATOR_METRICS_PORT = 10348  # flow-aggregator.conf metricsBindAddress
 AGENT_METRICS_PORT = 10351  # antrea-agent.conf metricsBindAddress
 AGGREGATOR_CONFIG = ROOT / "aggregator" / "flow-aggregator.conf"
 AGENT_CONFIG = ROOT / "exporter" / "antrea-agent.conf"
+CLICKHOUSE_SECRET = "clickhouse-secret"  # a ClickHouse server's user, as upstream names it
+CLICKHOUSE_CA_DIRECTORY = str(Path(CLICKHOUSE_CA).parent)
 # The agents that may fetch the credentials: Antrea's own (upstream's binding) and ours.
 AGENT_SERVICE_ACCOUNTS = ("antrea-agent", "antrea-flow-agent")
 
@@ -88,6 +91,12 @@ def binding(
 
 def env_from_field(name: str, path: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
+def env_from_secret(name: str, secret: str, key: str) -> dict[str, Any]:
+    """A variable from a Secret that may be absent (the Pod starts without it)."""
+    reference = {"name": secret, "key": key, "optional": True}
+    return {"name": name, "valueFrom": {"secretKeyRef": reference}}
 
 
 def probe(path: str, port: str, initial: int) -> dict[str, Any]:
@@ -204,6 +213,9 @@ def aggregator_deployment() -> dict[str, Any]:
         "env": [
             env_from_field("POD_NAME", "metadata.name"),
             env_from_field("POD_NAMESPACE", "metadata.namespace"),
+            # A ClickHouse server's user (clickHouse.databaseURL http(s)://), as upstream.
+            env_from_secret("CH_USERNAME", CLICKHOUSE_SECRET, "username"),
+            env_from_secret("CH_PASSWORD", CLICKHOUSE_SECRET, "password"),
         ],
         "ports": [
             {"name": "ipfix-udp", "containerPort": IPFIX_PORT, "protocol": "UDP"},
@@ -221,8 +233,11 @@ def aggregator_deployment() -> dict[str, Any]:
         "volumeMounts": [
             # The whole directory, not a subPath: an edited ConfigMap reaches the Pod.
             {"name": "config", "mountPath": "/etc/flow-aggregator", "readOnly": True},
-            # certDir and stateDir (the server certificate, the checkpoint).
+            # certDir and stateDir (the server certificate, the checkpoint, an embedded
+            # ClickHouse's data).
             {"name": "state", "mountPath": "/var/run/antrea-flow"},
+            # clickHouse.tls.caCert: the CA of a ClickHouse server's certificate.
+            {"name": "clickhouse-ca", "mountPath": CLICKHOUSE_CA_DIRECTORY, "readOnly": True},
         ],
     }
     return {
@@ -250,6 +265,8 @@ def aggregator_deployment() -> dict[str, Any]:
                         {"name": "config",
                          "configMap": {"name": "flow-aggregator-configmap"}},
                         {"name": "state", "emptyDir": {}},
+                        {"name": "clickhouse-ca",
+                         "secret": {"secretName": "clickhouse-ca", "optional": True}},
                     ],
                 },
             },

@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
 
 from ..codes import AGGREGATOR_SERVICE_NAME
 from ..configfile import ConfigError, ConfigReader, read_kubeconfig, shown
@@ -17,7 +20,7 @@ from ..k8s.watch import DEFAULT_SYNC_TIMEOUT
 log = logging.getLogger(__name__)
 
 # Keys of upstream's flow-aggregator.conf for features antrea-flow does not have.
-_UNSUPPORTED = ("mode", "clickHouse", "s3Uploader", "flowLogger", "flowStreamService", "apiServer")
+_UNSUPPORTED = ("mode", "s3Uploader", "flowLogger", "flowStreamService", "apiServer")
 _IGNORED = ("recordContents", "clusterID", "recordBufferSize")
 HOST_FORM = "a DNS name or an IP address, e.g. flow-aggregator.example.com, 10.96.5.5 or fd00::5"
 LISTEN_FORM = (
@@ -25,6 +28,37 @@ LISTEN_FORM = (
     "or [::]:4739 (the protocol is aggregatorTransportProtocol's)"
 )
 MESSAGE_SIZE_FORM = "0 (automatic) or an integer in 512..65535"
+DATABASE_URL_FORM = (
+    "file:///DIRECTORY (ClickHouse embedded in the aggregator, chDB), or http://HOST:PORT or "
+    "https://HOST:PORT (a ClickHouse server or cluster's HTTP interface, port 8123 or 8443 by "
+    "default); empty: embedded, under stateDir"
+)
+DATABASE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+DATABASE_FORM = "a ClickHouse database name: letters, digits and _, not starting with a digit"
+# Where the Deployment mounts Secret clickhouse-ca, read when tls.caCert is true (upstream
+# mounts it under /etc/flow-aggregator, which here is the ConfigMap's directory, mounted whole).
+CLICKHOUSE_CA = "/etc/flow-aggregator-certs/clickhouse/ca.crt"
+
+
+@dataclass(frozen=True, slots=True)
+class ClickHouseConfig:
+    """flow-aggregator.conf's `clickHouse` section (upstream's keys, and ours)."""
+
+    url: str  # file:///directory (chDB), http(s)://host:port (a server)
+    database: str = "default"
+    debug: bool = False  # log every commit
+    compress: bool = True  # lz4 over HTTP
+    commit_interval: float = 8.0
+    ttl: float = 12 * 3600.0  # rows expire this long after insertion; 0: never
+    queue_size: int = 1 << 19  # rows held while the database is slow or down (upstream's)
+    insecure_skip_verify: bool = False
+    ca_cert: str = ""  # a CA bundle for https; "" trusts the system's
+    username: str = "default"  # from CH_USERNAME, as upstream
+    password: str = ""  # from CH_PASSWORD
+
+    @property
+    def embedded(self) -> bool:
+        return self.url.startswith("file://")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +80,7 @@ class AggregatorConfig:
     state_dir: str = ""  # where the checkpoint is kept; "" keeps none
     kubeconfig: str = ""  # clientConnection.kubeconfig: the API server to watch and write
     metadata_sync_timeout: float = DEFAULT_SYNC_TIMEOUT  # wait at start for the first lists
+    clickhouse: ClickHouseConfig | None = None  # None: no ClickHouse sink
 
     @property
     def tls(self) -> bool:
@@ -108,6 +143,73 @@ def _collector_limits(section: ConfigReader | None) -> CollectorLimits:
     )
     section.reject_unknown()
     return limits
+
+
+def _database_url(section: ConfigReader, default_directory: str) -> str:
+    key = "databaseURL"
+    text = section.string(key, "", DATABASE_URL_FORM)
+    if not text:
+        return Path(default_directory, "clickhouse").absolute().as_uri()
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise section.error(key, text, "is not a URL", DATABASE_URL_FORM) from None
+    scheme = parts.scheme.lower()
+    if scheme in ("tcp", "tls"):
+        raise section.error(
+            key,
+            text,
+            "uses ClickHouse's native protocol, which antrea-flow does not speak; the same "
+            "server answers over HTTP",
+            DATABASE_URL_FORM,
+        )
+    if scheme == "file":
+        if parts.netloc or not parts.path.startswith("/") or parts.query or parts.fragment:
+            raise section.error(key, text, "is not a file URL", DATABASE_URL_FORM)
+        return text
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise section.error(key, text, "is not allowed", DATABASE_URL_FORM)
+    # As upstream: the database, user and options have keys of their own.
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise section.error(key, text, "has a path, query or user (not allowed)", DATABASE_URL_FORM)
+    default_port = 8443 if scheme == "https" else 8123
+    return f"{scheme}://{parts.netloc.lower() if port else f'{parts.netloc}:{default_port}'}"
+
+
+def _clickhouse(reader: ConfigReader, default_directory: str) -> ClickHouseConfig | None:
+    """clickHouse: upstream's keys (enable, database, databaseURL, debug, compress,
+    commitInterval, tls), and ours (ttl, queueSize). Credentials from CH_USERNAME and
+    CH_PASSWORD, as upstream's Deployment sets them from Secret clickhouse-secret."""
+    section = reader.section("clickHouse")
+    if section is None:
+        return None
+    enabled = section.boolean("enable", False)
+    database = section.string("database", "default", DATABASE_FORM)
+    if not DATABASE_NAME.fullmatch(database):
+        raise section.error("database", database, "is not allowed", DATABASE_FORM)
+    url = _database_url(section, default_directory)
+    tls = section.section("tls")
+    insecure, ca_cert = False, ""
+    if tls is not None:
+        insecure = tls.boolean("insecureSkipVerify", False)
+        ca_cert = CLICKHOUSE_CA if tls.boolean("caCert", False) else ""
+        tls.reject_unknown()
+    config = ClickHouseConfig(
+        url=url,
+        database=database,
+        debug=section.boolean("debug", False),
+        compress=section.boolean("compress", True),
+        commit_interval=section.duration("commitInterval", 8.0, minimum=0.1),
+        ttl=section.duration("ttl", 12 * 3600.0, minimum=0.0),
+        queue_size=section.integer("queueSize", 1 << 19, 1, 1 << 26),
+        insecure_skip_verify=insecure,
+        ca_cert=ca_cert,
+        username=os.environ.get("CH_USERNAME") or "default",
+        password=os.environ.get("CH_PASSWORD", ""),
+    )
+    section.reject_unknown()
+    return config if enabled else None
 
 
 def load_aggregator_config(path: str | os.PathLike) -> AggregatorConfig:
@@ -189,6 +291,7 @@ def load_aggregator_config(path: str | os.PathLike) -> AggregatorConfig:
     sync_timeout = reader.duration("metadataSyncTimeout", DEFAULT_SYNC_TIMEOUT, minimum=0.0)
     metrics = reader.bind_address("metricsBindAddress", ":10348")
     limits = _collector_limits(reader.section("collectorLimits"))
+    clickhouse = _clickhouse(reader, state_dir or cert_dir)
     for key in reader.ignore(_UNSUPPORTED):
         log.warning("%s: %s is not supported by antrea-flow and is ignored", reader.source, key)
     reader.ignore(_IGNORED)
@@ -211,4 +314,5 @@ def load_aggregator_config(path: str | os.PathLike) -> AggregatorConfig:
         state_dir=state_dir,
         kubeconfig=kubeconfig,
         metadata_sync_timeout=sync_timeout,
+        clickhouse=clickhouse,
     )

@@ -10,7 +10,7 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, NamedTuple, cast
+from typing import TYPE_CHECKING, Literal, NamedTuple, cast
 
 from cryptography import x509
 from prometheus_client import CollectorRegistry
@@ -36,6 +36,9 @@ from .aggregation import AggregationStore
 from .checkpoint import CHECKPOINT_FILE, Checkpointer
 from .config import AggregatorConfig, load_aggregator_config
 from .sinks import IPFIXSink, JSONLinesSink
+
+if TYPE_CHECKING:
+    from .clickhouse import ClickHouseSink
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +96,8 @@ class Aggregator:
         self.store = AggregationStore(
             config.export_interval, config.inactive_timeout, config.correlation_timeout
         )
-        self.sinks: list[IPFIXSink | JSONLinesSink] = []
+        self.sinks: list[IPFIXSink | JSONLinesSink | ClickHouseSink] = []
+        self.clickhouse: ClickHouseSink | None = None
         # The JSON log first: a bad jsonLogPath must stop start-up before certificates exist.
         if config.json_log:
             try:
@@ -139,6 +143,11 @@ class Aggregator:
             )
         if config.json_log:
             self.sinks.append(json_sink)
+        if config.clickhouse is not None:
+            from .clickhouse import ClickHouseSink  # pyarrow, and chDB when embedded
+
+            self.clickhouse = ClickHouseSink(config.clickhouse)
+            self.sinks.append(self.clickhouse)
         self.checkpoint: Checkpointer | None = None
         if config.state_dir and config.listen.protocol != "udp":
             state = Path(config.state_dir)
@@ -304,6 +313,7 @@ class Aggregator:
                 f"listenAddress {listen.host_port!r} ({listen.protocol})", listen.host, exc
             ) from None
         config = self.config
+        database = config.clickhouse.url if config.clickhouse is not None else ""
         log.info(
             "flow aggregator listening on %s%s; exporting every %ss to %s",
             config.listen,
@@ -312,8 +322,9 @@ class Aggregator:
             ", ".join(
                 [str(config.external_collector)] * bool(config.external_collector)
                 + [config.json_log] * bool(config.json_log)
+                + [f"ClickHouse {database}"] * bool(database)
             )
-            or "nowhere (no externalFlowCollectorAddr, no jsonLogPath)",
+            or "nowhere (no flowCollector, no jsonLogPath, no clickHouse)",
         )
         self.listening = True
         for sink in self.sinks:
@@ -474,6 +485,8 @@ class Aggregator:
             sequences.resets,
         )
         yield from metadata_metrics("antrea_flow_aggregator_", self.metadata, self.watch)
+        if self.clickhouse is not None:
+            yield from self.clickhouse.metrics("antrea_flow_aggregator_clickhouse_")
 
 
 def main(args) -> int:

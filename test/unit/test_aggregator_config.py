@@ -325,7 +325,7 @@ def test_flow_collector_section_bad_address_and_unknown_key(load):
     assert "flowCollector.enable" in message
 
 
-@pytest.mark.parametrize("section", ["clickHouse", "s3Uploader", "flowLogger", "flowStreamService"])
+@pytest.mark.parametrize("section", ["s3Uploader", "flowLogger", "flowStreamService"])
 def test_unsupported_upstream_sections_are_warned_about_and_ignored(load, caplog, section):
     with caplog.at_level(logging.WARNING, logger="antrea_flow.aggregator.config"):
         config = load(f"{section}:\n  enable: true\nflowExportInterval: 10s\n")
@@ -493,3 +493,79 @@ def test_the_kubernetes_api_keys(load):
     assert "clientConnection: '/etc/kubeconfig' is not a mapping" in message
     message = error_of(load, "metadataSyncTimeout: soon\n")
     assert "metadataSyncTimeout: 'soon' is not a duration" in message
+
+
+def test_clickhouse_is_off_unless_enabled_and_embedded_under_state_dir_by_default(load, tmp_path):
+    assert load("").clickhouse is None
+    assert load("clickHouse: {database: flows}\n").clickhouse is None  # enable: false
+    config = load(f"stateDir: {tmp_path}/state\nclickHouse: {{enable: true}}\n").clickhouse
+    assert config is not None and config.embedded
+    assert config.url == (tmp_path / "state" / "clickhouse").as_uri()
+    # Upstream's defaults.
+    assert (config.database, config.commit_interval, config.compress, config.debug) == (
+        "default", 8.0, True, False
+    )  # fmt: skip
+    assert config.queue_size == 1 << 19 and config.ttl == 12 * 3600
+
+
+def test_clickhouse_keys_and_credentials_from_the_environment(load, monkeypatch):
+    monkeypatch.setenv("CH_USERNAME", "flows")
+    monkeypatch.setenv("CH_PASSWORD", "s3cret")
+    config = load(
+        """
+        clickHouse:
+          enable: true
+          database: antrea_flows
+          databaseURL: "https://ClickHouse.example.com"
+          debug: true
+          compress: false
+          commitInterval: 1s
+          ttl: 0s
+          queueSize: 1000
+          tls: {insecureSkipVerify: true, caCert: true}
+        """
+    ).clickhouse
+    assert config is not None and not config.embedded
+    assert config.url == "https://ClickHouse.example.com:8443"  # the HTTPS interface's port
+    assert (config.username, config.password) == ("flows", "s3cret")
+    assert (config.database, config.debug, config.compress) == ("antrea_flows", True, False)
+    assert (config.commit_interval, config.ttl, config.queue_size) == (1.0, 0.0, 1000)
+    assert config.insecure_skip_verify and config.ca_cert.endswith("/clickhouse/ca.crt")
+    assert load(
+        "clickHouse: {enable: true, databaseURL: 'http://[fd00::5]:18123'}"
+    ).clickhouse.url == ("http://[fd00::5]:18123")
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("tcp://clickhouse-clickhouse.flow-visibility.svc:9000", "native protocol"),
+        ("tls://clickhouse:9440", "native protocol"),
+        ("ftp://clickhouse", "is not allowed"),
+        ("http://user:pw@clickhouse:8123", "has a path, query or user"),
+        ("http://clickhouse:8123/default", "has a path, query or user"),
+        ("http://clickhouse:8123?database=x", "has a path, query or user"),
+        ("http://clickhouse:99999", "is not a URL"),
+        ("file://relative/path", "is not a file URL"),
+        ("http://", "is not allowed"),
+    ],
+)
+def test_a_bad_database_url_names_the_key_and_the_accepted_forms(load, value, problem):
+    message = error_of(load, f"clickHouse: {{enable: true, databaseURL: '{value}'}}\n")
+    assert "clickHouse.databaseURL" in message and problem in message
+    assert "file:///DIRECTORY" in message and "http://HOST:PORT" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("database: 'flows; DROP TABLE x'", "clickHouse.database"),
+        ("database: 9flows", "clickHouse.database"),
+        ("commitInterval: 0s", "clickHouse.commitInterval"),
+        ("queueSize: 0", "clickHouse.queueSize"),
+        ("tls: {caCert: yes-please}", "clickHouse.tls.caCert"),
+        ("compres: true", "clickHouse.compres"),
+    ],
+)
+def test_bad_clickhouse_keys_name_the_key(load, text, key):
+    assert key in error_of(load, f"clickHouse:\n  enable: true\n  {text}\n")

@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from antrea_flow.aggregator.config import load_aggregator_config
+from antrea_flow.aggregator.config import CLICKHOUSE_CA, load_aggregator_config
 from antrea_flow.cli import parser
 from antrea_flow.exporter.config import load_agent_config
 
@@ -111,9 +111,20 @@ def test_the_aggregator_deployment_is_locked_down_and_probed(tmp_path):
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"}
     assert container["resources"]["requests"]
-    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
-    assert env["POD_NAMESPACE"] == "metadata.namespace"
-    # Every directory the aggregator writes is a volume (the root filesystem is read-only).
+    env = {e["name"]: e["valueFrom"] for e in container["env"]}
+    assert env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    # A ClickHouse server's user and CA, as upstream names their Secrets; optional, so the
+    # Pod starts without them.
+    for name, key in (("CH_USERNAME", "username"), ("CH_PASSWORD", "password")):
+        assert env[name]["secretKeyRef"] == {
+            "name": "clickhouse-secret", "key": key, "optional": True
+        }  # fmt: skip
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    ca = next(m for m in mounts.values() if m["name"] == "clickhouse-ca")
+    assert Path(CLICKHOUSE_CA).parent == Path(ca["mountPath"])
+    assert volumes["clickhouse-ca"]["secret"] == {"secretName": "clickhouse-ca", "optional": True}
+    # Every directory the aggregator writes is a volume (the root filesystem is read-only),
+    # an embedded ClickHouse's too.
     config = aggregator_config(objects, tmp_path)
     assert config.cert_dir.startswith("/var/run/antrea-flow") and "/var/run/antrea-flow" in mounts
     policy = find(objects, "NetworkPolicy", "flow-aggregator")["spec"]
