@@ -4,8 +4,9 @@ It brings the default lab up (as lab `quickstart`), starts the flow aggregator (
 and one agent per Node exactly as a user would run them (`antrea-flow aggregator` and
 `antrea-flow agent` processes with their config files, in DIR), and an external IPFIX
 collector; then runs a traffic mix covering every kind of flow and policy decision, shows
-the aggregated records as they reach the collector, writes them to DIR/flows.jsonl, and on
-exit (Ctrl-C or --duration) stops everything and removes the lab.
+the aggregated records as they reach the collector, writes them to DIR/flows.jsonl (and the
+aggregator to ClickHouse embedded in it, DIR/clickhouse), and on exit (Ctrl-C or
+--duration) stops everything, removes the lab and answers a few questions from ClickHouse.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +28,7 @@ from typing import Any, TextIO
 
 import yaml
 
+from .aggregator.config import ClickHouseConfig
 from .codes import ACTION_NAMES, AGGREGATOR_SERVICE_NAME
 from .errors import UsageError
 from .ipfix.address import TransportAddress
@@ -37,6 +40,30 @@ from .lab.cluster import Cluster
 from .lab.dataplane import Names
 
 LAB = "quickstart"
+_ENDPOINT = "if({side}PodName != '', concat({side}PodNamespace, '/', {side}PodName), {side}IP)"
+TOP_TALKERS = f"""
+SELECT {_ENDPOINT.format(side="source")} AS source,
+       {_ENDPOINT.format(side="destination")} AS destination,
+       sum(octetDeltaCount + reverseOctetDeltaCount) AS octets
+FROM default.flows GROUP BY source, destination ORDER BY octets DESC LIMIT 5
+"""
+# A rule that drops without a name is the isolation of a Pod no rule allows.
+_DENIED_SIDE = """
+SELECT if({side}NetworkPolicyName = '', '(isolated: no rule allows it)',
+          concat({side}NetworkPolicyNamespace, if({side}NetworkPolicyNamespace = '', '', '/'),
+                 {side}NetworkPolicyName, ' ', {side}NetworkPolicyRuleName)) AS policy,
+       {side}NetworkPolicyRuleAction AS action,
+       sourceIP, destinationIP, sourceTransportPort, destinationTransportPort,
+       protocolIdentifier
+FROM default.flows WHERE {side}NetworkPolicyRuleAction IN (2, 3)
+"""
+DENIED_BY_POLICY = f"""
+SELECT policy, action,
+       uniqExact(sourceIP, destinationIP, sourceTransportPort, destinationTransportPort,
+                 protocolIdentifier) AS connections
+FROM ({_DENIED_SIDE.format(side="ingress")} UNION ALL {_DENIED_SIDE.format(side="egress")})
+GROUP BY policy, action ORDER BY connections DESC, policy
+"""
 FLOW_TYPES = {1: "intra", 2: "inter", 3: "to-ext", 4: "from-ext"}
 PROBE_EVERY = 4.0
 IPERF = ("frontend/client-1", "backend/web-2", 5201, "10M", 12)
@@ -167,6 +194,8 @@ class Quickstart:
         self.udp: dict[str, Any] = {}
         self.outcomes: dict[str, tuple[str, str]] = {}  # probe -> (seen, expected)
         self._flows: TextIO | None = None  # flows.jsonl while run() runs
+        # The aggregator's embedded ClickHouse, queried by the summary once it has stopped.
+        self.database = ClickHouseConfig(url=(output / "clickhouse").as_uri())
 
     # -- processes -------------------------------------------------------------------------
 
@@ -213,6 +242,11 @@ class Quickstart:
                 "jsonLogPath": str(self.output / "aggregator-flows.jsonl"),
                 "inventoryFile": str(inventory),
                 "metricsBindAddress": f"127.0.0.1:{_free_port()}",
+                "clickHouse": {
+                    "enable": True,
+                    "databaseURL": self.database.url,
+                    "commitInterval": "1s",
+                },
             },
         )
         self._spawn("aggregator", ["aggregator", "--config", str(config)])
@@ -350,6 +384,9 @@ class Quickstart:
 
     async def run(self) -> int:
         (self.output / "logs").mkdir(parents=True, exist_ok=True)
+        # What the aggregator appends to is this run's alone.
+        (self.output / "aggregator-flows.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(self.output / "clickhouse", ignore_errors=True)
         print(f"building the lab {LAB!r} (network namespaces afl-{LAB}-*) ...", flush=True)
         self.cluster = lab.up(LAB, None).cluster
         flows = self._flows = (self.output / "flows.jsonl").open("w")
@@ -442,8 +479,34 @@ class Quickstart:
                 f"iperf3 sent {self.udp['packets']} datagrams; its flow records (eBPF "
                 f"counter path): {packets} packets"
             )
+        self._database_answers()
         unexpected = any(seen != expected for seen, expected in self.outcomes.values())
         return 0 if records and not unexpected else 1
+
+    def _database_answers(self) -> None:
+        """What the aggregator wrote to its embedded ClickHouse (it has stopped, so this
+        process may open the directory): a few questions a user asks first."""
+        from .aggregator.clickhouse import Database, DatabaseError
+
+        database = Database(self.database)
+        try:
+            database.connect()
+            ((count,),) = database.rows("SELECT count() FROM default.flows")
+            talkers = database.rows(TOP_TALKERS)
+            denied = database.rows(DENIED_BY_POLICY)
+        except DatabaseError as exc:
+            print(f"\nClickHouse: {exc}")
+            return
+        finally:
+            database.close()
+        print(f"\nClickHouse (embedded, {self.database.url}): {count} records in default.flows")
+        print("  top talkers by bytes (both directions):")
+        for source, destination, octets in talkers:
+            print(f"    {source:<24} -> {destination:<24} {octets / 1e6:>10.2f} MB")
+        print("  denied connections by policy rule:")
+        for policy, action, connections in denied:
+            name = ACTION_NAMES.get(action, str(action))
+            print(f"    {policy:<44} {name:<7} {connections:>4} connections")
 
 
 def _ready(port: int) -> bool:

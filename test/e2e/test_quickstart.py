@@ -30,9 +30,11 @@ from typing import Any
 import pytest
 import yaml
 
+from antrea_flow.aggregator.clickhouse import Database
+from antrea_flow.aggregator.config import ClickHouseConfig
 from antrea_flow.lab.cluster import Cluster, load_cluster
 from antrea_flow.lab.dataplane import STATE_DIR, Names
-from antrea_flow.quickstart import IPERF, LAB, traffic_mix
+from antrea_flow.quickstart import DENIED_BY_POLICY, IPERF, LAB, traffic_mix
 
 pytestmark = [pytest.mark.root, pytest.mark.needs("iperf3")]
 
@@ -575,6 +577,53 @@ def test_aggregator_exports_reach_the_collector_unchanged(ran: QuickstartRun):
     assert match is not None and int(match.group(1)) == incomplete, (
         f"the summary says {match and match.group(1)} incomplete, the aggregator's log {incomplete}"
     )
+
+
+# -- ClickHouse ---------------------------------------------------------------------------
+
+
+def test_the_embedded_clickhouse_holds_every_exported_record(ran: QuickstartRun):
+    """The aggregator wrote what it exported to ClickHouse (embedded), each record once,
+    with its values; and the summary answers from it."""
+    config = ClickHouseConfig(url=(ran.output / "clickhouse").as_uri())
+    database = Database(config)
+    database.connect()
+    try:
+        stored = database.rows(
+            "SELECT sourceIP, destinationIP, protocolIdentifier, sourceTransportPort, "
+            "destinationTransportPort, toUnixTimestamp(flowEndSeconds), flowEndReason, "
+            "octetDeltaCount, packetDeltaCount, octetTotalCount FROM default.flows"
+        )
+        denied = database.rows(DENIED_BY_POLICY)
+    finally:
+        database.close()
+
+    def identity(record: dict[str, Any]) -> tuple:
+        return (
+            *connection(record),
+            record.get("flowEndSeconds"),
+            record.get("flowEndReason"),
+            record.get("octetDeltaCount"),
+            record.get("packetDeltaCount"),
+            record.get("octetTotalCount"),
+        )
+
+    assert sorted(stored, key=repr) == sorted(map(identity, ran.json_log), key=repr)
+    match = re.search(r"^ClickHouse \(embedded, \S+\): (\d+) records", ran.stdout, re.M)
+    assert match is not None and int(match.group(1)) == len(ran.json_log), ran.stdout
+    # The denied connections by policy: the Reject rule and the isolation's drops, each
+    # with as many connections as the records hold.
+    by_policy = {(policy, action): count for policy, action, count in denied}
+    reject = next(c for c in CASES if c.ingress == DB_REJECT)
+    rejected = {connection(r) for r in case_records(reject, ran.cluster, ran.json_log)}
+    key = (f"{DB_REJECT.name} {DB_REJECT.rule}", ACTIONS["reject"])
+    assert by_policy.get(key) == len(rejected), by_policy
+    assert by_policy.get(("(isolated: no rule allows it)", ACTIONS["drop"]), 0) > 0, by_policy
+    for (policy, action), count in by_policy.items():
+        name = {2: "drop", 3: "reject"}[action]
+        assert re.search(
+            rf"^    {re.escape(policy)}\s+{name}\s+{count} connections", ran.stdout, re.M
+        )
 
 
 # -- iperf3 -------------------------------------------------------------------------------
