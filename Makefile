@@ -16,10 +16,11 @@ STAMP := $(VENV)/.installed
 # and a compiler for NetfilterQueue, the Python venv/headers, for the eBPF counter path
 # BCC (python3-bpfcc) with Debian's kernel headers, which BCC compiles against, and the
 # eBPF benchmark's libpcap peers (tcpdump, pmacct); for the collectors' tests Ruby (the
-# Logstash filter runs in it), shellcheck and vagrant (the Vagrant deployment's scripts).
+# Logstash filter runs in it), curl (the Kibana import Job's script), shellcheck and
+# vagrant (the Vagrant deployment's scripts).
 APT_PACKAGES := iproute2 iptables nftables conntrack tshark softflowd iperf3 procps \
 	libnetfilter-queue-dev build-essential python3-venv python3-dev \
-	python3-bpfcc linux-headers-amd64 tcpdump pmacct ruby shellcheck vagrant
+	python3-bpfcc linux-headers-amd64 tcpdump pmacct ruby shellcheck vagrant curl
 
 .PHONY: setup system-packages kernel-headers quickstart test bench lint fuzz manifests
 

@@ -12,6 +12,8 @@ names the code uses (antrea_flow.k8s) and the default config files the images sh
 - antrea-config-flow-exporter.yml: that ConfigMap with only the flow exporter's part, for a
   cluster that has no antrea-config. Applied where Antrea runs, it would replace Antrea's
   whole ConfigMap: there, merge its antrea-agent.conf keys by hand instead.
+- elk-flow-collector/ (build/elk.py) and flow-visibility/ (build/grafana.py): the
+  collectors users look at, ELK and ClickHouse with Grafana.
 """
 
 from __future__ import annotations
@@ -20,10 +22,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
+sys.path.insert(0, str(Path(__file__).parent))  # the sibling generators and their shared part
+import elk  # noqa: E402
+import grafana  # noqa: E402
+import manifests  # noqa: E402
+from manifests import meta  # noqa: E402
 
-from antrea_flow.aggregator.config import CLICKHOUSE_CA
-from antrea_flow.k8s.credentials import CA_CONFIGMAP, CA_SECRET, CLIENT_SECRET, DEFAULT_NAMESPACE
+from antrea_flow.aggregator.config import CLICKHOUSE_CA  # noqa: E402
+from antrea_flow.k8s.credentials import (  # noqa: E402
+    CA_CONFIGMAP,
+    CA_SECRET,
+    CLIENT_SECRET,
+    DEFAULT_NAMESPACE,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,14 +61,6 @@ HEADER = (
 
 
 # -- helpers -----------------------------------------------------------------------------
-
-
-def meta(name: str, namespace: str | None, labels: dict[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {"name": name}
-    if namespace:
-        out["namespace"] = namespace
-    out["labels"] = dict(labels)
-    return out
 
 
 def rule(group: str, resources: list[str], verbs: list[str], names: list[str] | None = None):
@@ -407,35 +410,20 @@ MANIFESTS = {
 # -- output ------------------------------------------------------------------------------
 
 
-class _Dumper(yaml.SafeDumper):
-    pass
-
-
-def _text(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
-    # Config files embedded in ConfigMaps stay readable: multi-line strings as blocks.
-    style = "|" if "\n" in data else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
-
-
-_Dumper.add_representer(str, _text)
-
-
-def render(objects: list[dict[str, Any]]) -> str:
-    documents = [yaml.dump(o, Dumper=_Dumper, sort_keys=False, width=100) for o in objects]
-    return HEADER + "---\n" + "---\n".join(documents)
+def outputs() -> dict[str, str]:
+    """Every file of build/yamls/ (its path there -> its text): these manifests and those
+    of the collectors' generators."""
+    out = {name: manifests.render(HEADER, build()) for name, build in MANIFESTS.items()}
+    out.update(elk.outputs())
+    out.update(grafana.outputs())
+    return out
 
 
 def write(directory: Path) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, build in MANIFESTS.items():
-        path = directory / name
-        path.write_text(render(build()))
-        written.append(path)
-    return written
+    return manifests.write(outputs(), directory)
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "build" / "yamls"
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else manifests.YAMLS
     for path in write(target):
-        print(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+        print(manifests.shown(path))
