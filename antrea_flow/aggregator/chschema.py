@@ -37,6 +37,7 @@ class Column:
     elements: tuple[str, str]  # the record's element for it in IPv4 and in IPv6 records
     default: object  # its value when a record lacks the element
     alternative: str | None  # an element taken where the first is empty
+    optional: bool  # records often lack it: read apart, not in the one lookup of the others
     # Arrow's conversion of the column's values (after it, ClickHouse's: seconds to
     # DateTime); `fix` mends what the elements say differently from Theia.
     fix: Callable[[pa.Array], pa.Array] | None = None
@@ -65,13 +66,16 @@ def _column(
     fix: Callable[[pa.Array], pa.Array] | None = None,
     default: object = None,
     alternative: str | None = None,
+    optional: bool = False,
 ) -> Column:
     """A column from the element of its name, or from an element of each address family
     (Theia has one address column for both)."""
     if default is None:
         default = "" if sql_type == "String" else 0
     elements = (ipv4 or name, ipv6 or ipv4 or name)
-    return Column(name, sql_type, elements, default, alternative, fix)
+    return Column(
+        name, sql_type, elements, default, alternative, optional or bool(alternative), fix
+    )
 
 
 def _no_service(ips: pa.Array) -> pa.Array:
@@ -133,8 +137,9 @@ THEIA_COLUMNS: tuple[Column, ...] = (
     _column("egressNetworkPolicyType", "UInt8"),
     _column("tcpState", "String"),
     _column("flowType", "UInt8"),
-    _column("sourcePodLabels", "String"),
-    _column("destinationPodLabels", "String"),
+    # Only with metadata (the API or an inventory file).
+    _column("sourcePodLabels", "String", optional=True),
+    _column("destinationPodLabels", "String", optional=True),
     _column("throughput", "UInt64"),
     _column("reverseThroughput", "UInt64"),
     _column("throughputFromSourceNode", "UInt64"),
@@ -168,7 +173,7 @@ OUR_COLUMNS: tuple[Column, ...] = (
         alternative="originalExporterIPv6Address",
     ),  # fmt: skip
     _column("originalObservationDomainId", "UInt32"),
-    _column("incomplete", "UInt8", fix=_as_flag, default=False),  # a bool in the record
+    _column("incomplete", "UInt8", fix=_as_flag, default=False, optional=True),  # a bool
 )
 
 COLUMNS: tuple[Column, ...] = THEIA_COLUMNS + OUR_COLUMNS
@@ -198,28 +203,33 @@ def records_table(records: Sequence[FlowRecord], columns: Sequence[Column] = COL
 def _family_table(
     family: int, records: Sequence[FlowRecord], columns: Sequence[Column]
 ) -> pa.Table:
-    alternatives = [c for c in columns if c.alternative]
-    keys = [c.elements[family] for c in columns] + [c.alternative for c in alternatives]
-    lookup = operator.itemgetter(*keys)
-    defaults = {c.elements[family]: c.default for c in columns}
-    defaults.update((c.alternative, c.default) for c in alternatives if c.alternative)
+    common = [c for c in columns if not c.optional]
+    lookup = operator.itemgetter(*(c.elements[family] for c in common))
+    defaults = {c.elements[family]: c.default for c in common}
     rows = []
     for record in records:
         try:
             rows.append(lookup(record))
-        except KeyError:
+        except KeyError:  # rare: a record without one of the elements every record has
             rows.append(lookup({**defaults, **record}))
-    values = list(zip(*rows, strict=True))
-    arrays = {}
-    for column, column_values in zip(columns, values, strict=False):
+    values = dict(zip((c.name for c in common), zip(*rows, strict=True), strict=True))
+    arrays = []
+    for column in columns:
+        column_values: Sequence[object]
+        if column.optional:
+            element, default = column.elements[family], column.default
+            column_values = [record.get(element, default) for record in records]
+        else:
+            column_values = values[column.name]
         array = pa.array(column_values, column.arrow_type if column.fix is None else None)
-        arrays[column.name] = array if column.fix is None else column.fix(array)
-    for column, column_values in zip(alternatives, values[len(columns) :], strict=True):
-        first = arrays[column.name]
-        arrays[column.name] = pc.if_else(
-            pc.equal(first, column.default), pa.array(column_values, column.arrow_type), first
-        )
-    return pa.Table.from_arrays(list(arrays.values()), names=list(arrays))
+        if column.fix is not None:
+            array = column.fix(array)
+        if column.alternative:
+            alternative, default = column.alternative, column.default
+            others = pa.array([r.get(alternative, default) for r in records], column.arrow_type)
+            array = pc.if_else(pc.equal(array, column.default), others, array)
+        arrays.append(array)
+    return pa.Table.from_arrays(arrays, names=[c.name for c in columns])
 
 
 def _ttl(seconds: int) -> str:

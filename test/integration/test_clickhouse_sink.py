@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from antrea_flow.aggregator.chschema import records_table
-from antrea_flow.aggregator.clickhouse import ClickHouseSink, Database
+from antrea_flow.aggregator.clickhouse import WAKE_RECORDS, ClickHouseSink, Database
 from antrea_flow.aggregator.config import ClickHouseConfig, load_aggregator_config
 from antrea_flow.aggregator.service import Aggregator
 from antrea_flow.ipfix.address import TransportAddress
@@ -153,6 +153,23 @@ def test_stop_inserts_what_waits_for_the_next_commit(tmp_path):
             sink.send(record)
     assert sink.settled == sink.sent == 100
     assert query(config, "SELECT count() FROM flows_test.flows") == [(100,)]
+
+
+def test_what_waits_is_inserted_in_batches_of_at_most_65536_rows(tmp_path):
+    config = embedded(tmp_path / "ch", commit_interval=3600.0)
+    sent = records(70_000)
+    with running(config) as sink:
+        # In bursts the writer turns into columns as they come (WAKE_RECORDS each), so
+        # that the backlog before it never fills; the rest waits for the stop.
+        for start in range(0, 65_536, WAKE_RECORDS):
+            for record in sent[start : start + WAKE_RECORDS]:
+                sink.send(record)
+            wait_until(lambda: sink.held_rows == sink.accepted, "turned into columns")
+        for record in sent[65_536:]:
+            sink.send(record)
+    assert sink.dropped == {}
+    assert (sink.sent, sink.inserts) == (70_000, 2)  # 65,536 and 4,464
+    assert query(config, "SELECT count() FROM flows_test.flows") == [(70_000,)]
 
 
 def test_an_existing_database_is_written_again_not_created_again(tmp_path, caplog):
