@@ -226,6 +226,13 @@ def test_each_image_copies_files_that_exist_and_runs_the_installed_command(
             for source in sources:
                 assert (ROOT / source).exists(), f"{path}: COPY {source}: no such file"
                 copied[target] = source
+    # What the package's files link to is copied too (the wheel holds the targets).
+    for link in (ROOT / "antrea_flow").rglob("*"):
+        if link.is_symlink():
+            target = link.resolve().relative_to(ROOT)
+            assert any(target.is_relative_to(source) for source in copied.values()), (
+                f"{path}: {link.relative_to(ROOT)} links to {target}, which no COPY brings"
+            )
     # The default config the image ships is one the product loads.
     source = copied[config]
     loader = load_aggregator_config if command == "aggregator" else load_agent_config
