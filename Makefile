@@ -17,14 +17,17 @@ STAMP := $(VENV)/.installed
 # BCC (python3-bpfcc) with Debian's kernel headers, which BCC compiles against, and the
 # eBPF benchmark's libpcap peers (tcpdump, pmacct); for the collectors' tests Ruby (the
 # Logstash filter runs in it), curl (the Kibana import Job's script), shellcheck and
-# vagrant (the Vagrant deployment's scripts).
+# vagrant (the Vagrant deployment's scripts); Chromium and its WebDriver (with a font) for
+# the web UI's tests in a real browser.
 APT_PACKAGES := iproute2 iptables nftables conntrack tshark softflowd iperf3 procps \
 	libnetfilter-queue-dev build-essential python3-venv python3-dev \
-	python3-bpfcc linux-headers-amd64 tcpdump pmacct ruby shellcheck vagrant curl
+	python3-bpfcc linux-headers-amd64 tcpdump pmacct ruby shellcheck vagrant curl \
+	chromium chromium-driver fonts-dejavu-core
 
 .PHONY: setup system-packages kernel-headers quickstart test bench lint fuzz manifests
 
 setup: system-packages kernel-headers $(STAMP)
+	@$(PY) build/ui_assets.py
 	@# BCC is Debian's (its Python module binds the system's libbcc): the venv links it.
 	@site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))'); \
 	if [ -d /usr/lib/python3/dist-packages/bcc ] && [ ! -e $$site/bcc ]; then \

@@ -85,6 +85,12 @@ def _quickstart(sub) -> None:
     p.add_argument("--output", default="out/quickstart", help="directory for flows.jsonl")
 
 
+def _observe(sub) -> None:
+    from . import observe
+
+    observe.add_parser(sub)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="antrea-flow", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -94,6 +100,7 @@ def parser() -> argparse.ArgumentParser:
     _collector(sub)
     _lab(sub)
     _quickstart(sub)
+    _observe(sub)
     return p
 
 
@@ -121,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
             from .lab import command
 
             return command.main(args)
+        if args.command == "observe":
+            from . import observe
+
+            return observe.main(args)
         if args.command == "quickstart":
             from . import quickstart
 

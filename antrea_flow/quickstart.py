@@ -196,6 +196,11 @@ class Quickstart:
         self._flows: TextIO | None = None  # flows.jsonl while run() runs
         # The aggregator's embedded ClickHouse, queried by the summary once it has stopped.
         self.database = ClickHouseConfig(url=(output / "clickhouse").as_uri())
+        self.api_port = API_PORT  # the flow API and UI (another when that port is taken)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
 
     # -- processes -------------------------------------------------------------------------
 
@@ -228,6 +233,8 @@ class Quickstart:
         inventory = _write_yaml(self.output / "inventory.yaml", cluster.inventory())
         aggregator_port = _free_port()
         self.aggregator_port = aggregator_port
+        # The flow API where `antrea-flow observe` looks by default, unless it is taken.
+        self.api_port = API_PORT if not _listening(API_PORT) else _free_port()
         config = _write_yaml(
             self.output / "flow-aggregator.conf",
             {
@@ -242,6 +249,7 @@ class Quickstart:
                 "jsonLogPath": str(self.output / "aggregator-flows.jsonl"),
                 "inventoryFile": str(inventory),
                 "metricsBindAddress": f"127.0.0.1:{_free_port()}",
+                "apiBindAddress": f"127.0.0.1:{self.api_port}",
                 "clickHouse": {
                     "enable": True,
                     "databaseURL": self.database.url,
@@ -409,6 +417,12 @@ class Quickstart:
                 f"127.0.0.1:{collector.port}; logs and configs in {self.output}\n",
                 flush=True,
             )
+            server = "" if self.api_port == API_PORT else f" --server {self.api_url}"
+            print(
+                f"flows in a browser: {self.api_url}/ (while this runs); in another terminal: "
+                f"antrea-flow observe{server} --verdict DROPPED\n",
+                flush=True,
+            )
             self.table = Table()
             await self._wait(
                 lambda: all(_ready(port) for port in self.agent_metrics_ports),
@@ -507,6 +521,9 @@ class Quickstart:
         for policy, action, connections in denied:
             name = ACTION_NAMES.get(action, str(action))
             print(f"    {policy:<44} {name:<7} {connections:>4} connections")
+
+
+API_PORT = 10349  # apiBindAddress's default port
 
 
 def _ready(port: int) -> bool:

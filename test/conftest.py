@@ -43,7 +43,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _package(binary: str) -> str:
-    return {"dumpcap": "wireshark-common"}.get(binary, binary)
+    return {"dumpcap": "wireshark-common", "chromedriver": "chromium-driver"}.get(binary, binary)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,11 @@ DATABASE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 DATABASE_FORM = "a ClickHouse database name: letters, digits and _, not starting with a digit"
 # Where the Deployment mounts Secret clickhouse-ca, read when tls.caCert is true (upstream
 # mounts it under /etc/flow-aggregator, which here is the ConfigMap's directory, mounted whole).
+# The flow API and UI: on loopback by default (kubectl port-forward reaches it); a wider
+# address wants apiToken.
+DEFAULT_API_ADDRESS = "127.0.0.1:10349"
+DEFAULT_API_WINDOW = 10000  # about 6 KB each: 60 MB
+MAX_API_WINDOW = 1_000_000
 CLICKHOUSE_CA = "/etc/flow-aggregator-certs/clickhouse/ca.crt"
 
 
@@ -81,6 +86,9 @@ class AggregatorConfig:
     kubeconfig: str = ""  # clientConnection.kubeconfig: the API server to watch and write
     metadata_sync_timeout: float = DEFAULT_SYNC_TIMEOUT  # wait at start for the first lists
     clickhouse: ClickHouseConfig | None = None  # None: no ClickHouse sink
+    api_address: TransportAddress | None = None  # the flow API and UI; None: off
+    api_token: str = ""  # the bearer token the API asks for; "": none
+    api_window: int = DEFAULT_API_WINDOW  # exported records the API keeps
 
     @property
     def tls(self) -> bool:
@@ -290,6 +298,9 @@ def load_aggregator_config(path: str | os.PathLike) -> AggregatorConfig:
     kubeconfig = read_kubeconfig(reader)
     sync_timeout = reader.duration("metadataSyncTimeout", DEFAULT_SYNC_TIMEOUT, minimum=0.0)
     metrics = reader.bind_address("metricsBindAddress", ":10348")
+    api_address = reader.bind_address("apiBindAddress", DEFAULT_API_ADDRESS)
+    api_token = reader.string("apiToken", "", "a token clients send as Authorization: Bearer")
+    api_window = reader.integer("apiWindowRecords", DEFAULT_API_WINDOW, 1, MAX_API_WINDOW)
     limits = _collector_limits(reader.section("collectorLimits"))
     clickhouse = _clickhouse(reader, state_dir or cert_dir)
     for key in reader.ignore(_UNSUPPORTED):
@@ -315,4 +326,7 @@ def load_aggregator_config(path: str | os.PathLike) -> AggregatorConfig:
         kubeconfig=kubeconfig,
         metadata_sync_timeout=sync_timeout,
         clickhouse=clickhouse,
+        api_address=api_address,
+        api_token=api_token,
+        api_window=api_window,
     )

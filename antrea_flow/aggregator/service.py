@@ -36,8 +36,10 @@ from .aggregation import AggregationStore
 from .checkpoint import CHECKPOINT_FILE, Checkpointer
 from .config import AggregatorConfig, load_aggregator_config
 from .sinks import IPFIXSink, JSONLinesSink
+from .window import FlowWindow
 
 if TYPE_CHECKING:
+    from .api import FlowApi
     from .clickhouse import ClickHouseSink
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,11 @@ def _certificate_names(config: AggregatorConfig) -> tuple[list[str], list[str]]:
         if value not in target:
             target.append(value)
     return names, addresses
+
+
+def _url_host(host: str, port: int) -> str:
+    host = host or "0.0.0.0"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Aggregator:
@@ -160,6 +167,13 @@ class Aggregator:
             self.checkpoint = Checkpointer(
                 state / CHECKPOINT_FILE, self.collector.exporter_sequences, self.store, self.sinks
             )
+        self.window: FlowWindow | None = None
+        self.flow_api: FlowApi | None = None
+        if config.api_address is not None:
+            from .api import FlowApi
+
+            self.window = FlowWindow(config.api_window)
+            self.flow_api = FlowApi(config.api_address, self.window, config.api_token, clock)
         self.metadata = MetadataStore(clock=clock)
         self.inventory = (
             InventoryFileSource(config.inventory_file, self.metadata)
@@ -191,10 +205,15 @@ class Aggregator:
     def export_due(self, drain: bool = False, limit: int | None = None) -> int:
         now = self.clock()
         records = self.store.drain(now) if drain else self.store.expire(now, limit)
+        window = self.window
         for record in records:
             self._complete(record)
             for sink in self.sinks:
                 sink.send(record)
+            if window is not None:
+                window.append(record)
+        if window is not None and records:
+            window.published()
         return len(records)
 
     def _complete(self, record: FlowRecord) -> None:
@@ -326,6 +345,20 @@ class Aggregator:
             )
             or "nowhere (no flowCollector, no jsonLogPath, no clickHouse)",
         )
+        if self.flow_api is not None:
+            address = config.api_address
+            assert address is not None
+            try:
+                self.flow_api.start()
+            except OSError as exc:
+                await self.collector.stop()
+                raise cannot_listen(
+                    f"apiBindAddress {address.host_port!r}", address.host, exc
+                ) from None
+            log.info(
+                "flow API and UI on http://%s/",
+                _url_host(address.host, self.flow_api.port),
+            )
         self.listening = True
         for sink in self.sinks:
             sink.start()
@@ -367,6 +400,8 @@ class Aggregator:
             self.listening = False
             await self.collector.stop()
             self.export_due(drain=True)
+            if self.flow_api is not None:
+                self.flow_api.stop()
             for sink in self.sinks:
                 await sink.stop()
             if self.checkpoint is not None:
@@ -487,6 +522,8 @@ class Aggregator:
         yield from metadata_metrics("antrea_flow_aggregator_", self.metadata, self.watch)
         if self.clickhouse is not None:
             yield from self.clickhouse.metrics("antrea_flow_aggregator_clickhouse_")
+        if self.flow_api is not None:
+            yield from self.flow_api.metrics("antrea_flow_aggregator_")
 
 
 def main(args) -> int:

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -125,6 +126,10 @@ class QuickstartRun:
     cluster: Cluster | None = None
     records: list[dict[str, Any]] = field(default_factory=list)  # flows.jsonl
     json_log: list[dict[str, Any]] = field(default_factory=list)  # the aggregator's own
+    # While it ran, as a user in another terminal: `antrea-flow observe --verdict DROPPED
+    # --verdict REJECTED -o json` against the printed URL, and the UI's page.
+    observed: list[dict[str, Any]] = field(default_factory=list)
+    ui_page: str = ""
 
     def diagnostics(self) -> str:
         logs = ""
@@ -217,6 +222,28 @@ def _wait_for_the_dying(seen: dict[int, int], timeout: float = 30.0) -> None:
         time.sleep(0.01)
 
 
+UI_URL = re.compile(r"flows in a browser: (http://\S+)/ ")
+
+
+def _look_while_running(stdout: Path) -> tuple[list[dict[str, Any]], str]:
+    """What `antrea-flow observe` shows of the denied flows, and the UI's page, at the URL
+    the quickstart printed; nothing yet when it has printed none or no flow was denied."""
+    found = UI_URL.search(stdout.read_text(errors="replace"))
+    if found is None:
+        return [], ""
+    url = found.group(1)
+    observe = subprocess.run(
+        [*_cli(), "observe", "--server", url, "--verdict", "DROPPED", "--verdict", "REJECTED",
+         "-o", "json", "--last", "1000"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    if observe.returncode != 0:
+        return [], ""
+    observed = [json.loads(line) for line in observe.stdout.splitlines()]
+    with urllib.request.urlopen(f"{url}/", timeout=10) as page:
+        return observed, page.read().decode()
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -230,6 +257,9 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuickstartR
     output = tmp_path_factory.mktemp("quickstart")
     stdout_path, stderr_path = output / "quickstart.stdout", output / "quickstart.stderr"
     seen: dict[int, int] = {}
+    observed: list[dict[str, Any]] = []
+    ui_page = ""
+    next_look = time.monotonic() + DURATION / 2
     process = None
     try:
         with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
@@ -246,6 +276,11 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuickstartR
             for pid in _descendants(process.pid) | _netns_pids():
                 if pid not in seen and (started := _started(pid)) is not None:
                     seen[pid] = started
+            if time.monotonic() >= next_look:  # the latest answer: it has seen the most
+                next_look = time.monotonic() + 5
+                looked, page = _look_while_running(stdout_path)
+                if looked:
+                    observed, ui_page = looked, page
             time.sleep(0.5)
         if process.poll() is None:
             process.send_signal(signal.SIGINT)  # as a user's Ctrl-C: it cleans up
@@ -263,6 +298,8 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuickstartR
             seen_pids={p: t for p, t in seen.items() if p not in (process.pid, os.getpid())},
             leftover_namespaces=_lab_namespaces(),
             leftover_state_dir=(STATE_DIR / LAB).exists(),
+            observed=observed,
+            ui_page=ui_page,
         )
         inventory = output / "inventory.yaml"
         if inventory.exists():
@@ -577,6 +614,25 @@ def test_aggregator_exports_reach_the_collector_unchanged(ran: QuickstartRun):
     assert match is not None and int(match.group(1)) == incomplete, (
         f"the summary says {match and match.group(1)} incomplete, the aggregator's log {incomplete}"
     )
+
+
+# -- seen while it runs ------------------------------------------------------------------
+
+
+def test_observe_shows_the_denied_flows_while_the_quickstart_runs(ran: QuickstartRun):
+    """A new user's second terminal: `antrea-flow observe --verdict DROPPED` (and REJECTED)
+    at the URL the quickstart printed answers with the denied connections, and nothing else;
+    the same address serves the UI."""
+    assert ran.observed, f"observe showed no denied flow during the run\n{ran.stdout[-2000:]}"
+    pairs = set()
+    for r in ran.observed:
+        actions = {r["ingressNetworkPolicyRuleAction"], r["egressNetworkPolicyRuleAction"]}
+        assert actions & {ACTIONS["drop"], ACTIONS["reject"]}, r
+        pairs.add((f"{r['sourcePodNamespace']}/{r['sourcePodName']}",
+                   f"{r['destinationPodNamespace']}/{r['destinationPodName']}"))  # fmt: skip
+    denied = {(c.client, c.target) for c in CASES if c.ingress in (ISOLATION_DROP, DB_REJECT)}
+    assert pairs == denied
+    assert "<title>antrea-flow</title>" in ran.ui_page
 
 
 # -- ClickHouse ---------------------------------------------------------------------------

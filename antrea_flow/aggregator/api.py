@@ -1,0 +1,429 @@
+"""The flow API and the web UI, over HTTP on apiBindAddress: read-only views of the records
+the aggregator exported, from its FlowWindow.
+
+    GET /api/v1/flows        the latest matching records, oldest first, one {"flow": {...}}
+                             per line (NDJSON); follow=true streams new ones as they are
+                             exported (format=sse, or Accept: text/event-stream, for
+                             server-sent events)
+    GET /api/v1/graph        who talks to whom over a window, grouped by workload, pod,
+                             namespace, service, node or policy
+    GET /api/v1/throughput   each Node's transmitted and received bits/s over time
+    GET /api/v1/status       the window's size and the API's counters
+    GET /                    the web UI (its files come with the package)
+
+Query parameters are the `antrea-flow observe` flags' long names (see flowfilter); a bad
+one gets a 400 that names it and the accepted form. With apiToken set every request needs
+`Authorization: Bearer <token>` (or `access_token=<token>`, for the UI's address bar).
+
+Each request runs on a thread of its own and reads the window without a lock (see
+FlowWindow). A follow stream that falls a whole window behind, or whose client does not
+take what is sent for SEND_TIMEOUT seconds, is cut off and counted: the aggregator never
+waits for a reader.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hmac
+import json
+import logging
+import mimetypes
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from ..durations import parse_duration
+from ..flowfilter import FILTER_PARAMETERS, FilterError, FlowFilter, parse_filter
+from ..ipfix.address import TransportAddress
+from .graph import GROUPINGS, flow_graph, node_throughput
+from .window import Entry, FlowWindow
+
+log = logging.getLogger(__name__)
+
+MAX_CLIENTS = 128  # connections served at once; more get 503
+SEND_TIMEOUT = 10.0  # seconds a client may leave what we send untaken before it is cut off
+KEEPALIVE = 15.0  # seconds of silence after which a follow stream sends a keep-alive
+DEFAULT_LAST = 20
+MAX_LAST = 1_000_000
+UI_DIR = resources.files("antrea_flow.aggregator") / "ui"
+
+_COMMON = {"access_token": "the API token"}
+_FLOWS = {
+    **FILTER_PARAMETERS,
+    "last": "a number of records 0-1000000 (0: none of the past)",
+    "follow": "true or false",
+    "format": "ndjson or sse",
+}
+_GRAPH = {**FILTER_PARAMETERS, "by": ", ".join(GROUPINGS)}
+_THROUGHPUT = {**FILTER_PARAMETERS, "step": 'a duration such as "10s" (at least 1s)'}
+GRAPH_SINCE = "5m"  # the window of a graph or throughput request that names no `since`
+
+
+class BadParameter(Exception):
+    def __init__(self, parameter: str, value: str, form: str):
+        super().__init__(f"{parameter}: {value!r} is not valid; expected {form}")
+
+
+class ApiStats:
+    """Counters of the API's threads, each change under one short lock; `snapshot` copies
+    them for the metrics scrape."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests: Counter[str] = Counter()  # by HTTP status code
+        self.cut_off: Counter[str] = Counter()  # follow streams ended by us, by reason
+        self.streams = 0
+
+    def count(self, counter: Counter[str], key: str) -> None:
+        with self._lock:
+            counter[key] += 1
+
+    def stream(self, delta: int) -> None:
+        with self._lock:
+            self.streams += delta
+
+    def snapshot(self) -> tuple[dict[str, int], dict[str, int], int]:
+        with self._lock:
+            return dict(self.requests), dict(self.cut_off), self.streams
+
+
+class FlowApi:
+    """The HTTP server in a thread of its own; `start` binds (OSError if it cannot), `stop`
+    ends every request, follow streams included."""
+
+    def __init__(
+        self,
+        address: TransportAddress,
+        window: FlowWindow,
+        token: str = "",
+        clock: Callable[[], float] = time.time,
+    ):
+        self.address = address
+        self.window = window
+        self.token = token
+        self.clock = clock
+        self.stats = ApiStats()
+        self.stopping = threading.Event()
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        api = self
+
+        class Handler(_Handler):
+            pass
+
+        Handler.api = api
+        host = self.address.host or "0.0.0.0"
+        server_class = _DualStackServer if ":" in host else ThreadingHTTPServer
+        self._server = server_class((host, self.address.port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="flow-api", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.server_address[1]
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self.window.published()  # wake the follow streams so that they end
+
+    def metrics(self, prefix: str):
+        from ..metrics import gauge, labelled_counter
+
+        requests, cut_off, streams = self.stats.snapshot()
+        yield labelled_counter(
+            f"{prefix}api_requests_total", "Flow API requests, by HTTP status.", "code", requests
+        )
+        yield gauge(f"{prefix}api_follow_streams", "Follow streams open now.", streams)
+        yield labelled_counter(
+            f"{prefix}api_streams_cut_off_total",
+            "Follow streams ended because their client fell behind (window: a whole window "
+            "of records behind; send_timeout: took nothing for the send timeout).",
+            "reason",
+            cut_off,
+            always=("window", "send_timeout"),
+        )
+        yield gauge(
+            f"{prefix}api_window_records", "Exported records the flow API holds.", len(self.window)
+        )
+
+
+class _DualStackServer(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+class _Handler(BaseHTTPRequestHandler):
+    api: FlowApi
+    protocol_version = "HTTP/1.1"
+    server_version = "antrea-flow"
+
+    def log_message(self, format: str, *args) -> None:  # requests are not news
+        pass
+
+    def do_HEAD(self) -> None:
+        self._error(HTTPStatus.METHOD_NOT_ALLOWED, "the flow API is read-only: use GET")
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD
+
+    def do_GET(self) -> None:
+        api = self.api
+        if not api._slots.acquire(blocking=False):
+            self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"more than {MAX_CLIENTS} clients")
+            return
+        try:
+            self._get()
+        except BadParameter as exc:
+            self._error(HTTPStatus.BAD_REQUEST, str(exc))
+        except FilterError as exc:
+            self._error(HTTPStatus.BAD_REQUEST, str(exc))
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True
+        finally:
+            api._slots.release()
+
+    def _get(self) -> None:
+        url = urlsplit(self.path)
+        params = parse_qs(url.query, keep_blank_values=True)
+        if not self._authorized(params):
+            return
+        path = url.path
+        if path == "/api/v1/flows":
+            self._flows(params)
+        elif path == "/api/v1/graph":
+            self._graph(params)
+        elif path == "/api/v1/throughput":
+            self._throughput(params)
+        elif path == "/api/v1/status":
+            self._check(params, {})
+            self._status()
+        elif path == "/" or path.startswith("/ui/"):
+            self._static(path)
+        else:
+            self._error(HTTPStatus.NOT_FOUND, f"no such path {path!r}; see /api/v1/flows")
+
+    def _authorized(self, params: dict[str, list[str]]) -> bool:
+        token = self.api.token
+        if not token:
+            return True
+        header = self.headers.get("Authorization", "")
+        given = header[7:] if header.startswith("Bearer ") else params.get("access_token", [""])[0]
+        if hmac.compare_digest(given.encode(), token.encode()):
+            return True
+        self._error(HTTPStatus.UNAUTHORIZED, "this API needs its token: Authorization: Bearer ...")
+        return False
+
+    def _check(self, params: dict[str, list[str]], known: dict[str, str]) -> None:
+        for name in params:
+            if name not in known and name not in _COMMON:
+                nearest = difflib.get_close_matches(name, list(known), 1)
+                hint = f" (did you mean {nearest[0]!r}?)" if nearest else ""
+                accepted = ", ".join(sorted(known)) or "none"
+                raise BadParameter(name, params[name][0], f"one of the parameters {accepted}{hint}")
+
+    def _filter(
+        self, params: dict[str, list[str]], known: dict[str, str], since: str = ""
+    ) -> FlowFilter:
+        self._check(params, known)
+        if since and not params.get("since"):
+            params = {**params, "since": [since]}
+        return parse_filter(params, self.api.clock())
+
+    def _flows(self, params: dict[str, list[str]]) -> None:
+        flow_filter = self._filter(params, _FLOWS)
+        follow = _boolean(params, "follow")
+        fmt = _one(params, "format", "ndjson")
+        if fmt not in ("ndjson", "sse"):
+            raise BadParameter("format", fmt, _FLOWS["format"])
+        sse = fmt == "sse" or "text/event-stream" in self.headers.get("Accept", "")
+        last = _integer(params, "last", 0 if follow else DEFAULT_LAST, 0, MAX_LAST)
+        window = self.api.window
+        cursor = window.next_seq
+        resume = self.headers.get("Last-Event-ID", "")
+        if sse and resume.isdigit():  # an EventSource reconnecting: go on where it was
+            cursor, last = int(resume) + 1, 0
+        past: list[Entry] = []
+        if last:
+            for entry in window.newest():
+                if entry.seq < cursor and flow_filter.matches(entry.record):
+                    past.append(entry)
+                    if len(past) == last:
+                        break
+            past.reverse()
+        content_type = "text/event-stream" if sse else "application/x-ndjson"
+        if not follow:
+            body = b"".join(_line(entry, sse) for entry in past)
+            self._send(HTTPStatus.OK, content_type, body)
+            return
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        self.api.stats.count(self.api.stats.requests, "200")
+        self.connection.settimeout(SEND_TIMEOUT)
+        self.api.stats.stream(+1)
+        try:
+            self._follow(flow_filter, cursor, past, sse)
+        finally:
+            self.api.stats.stream(-1)
+
+    def _follow(self, flow_filter: FlowFilter, cursor: int, past: list[Entry], sse: bool) -> None:
+        api, window, out = self.api, self.api.window, self.wfile
+        pending = [_line(entry, sse) for entry in past]
+        quiet_since = time.monotonic()
+        while not api.stopping.is_set():
+            if pending:
+                try:
+                    out.write(b"".join(pending))
+                    out.flush()
+                except TimeoutError:
+                    api.stats.count(api.stats.cut_off, "send_timeout")
+                    raise
+                pending = []
+                quiet_since = time.monotonic()
+            entries, cursor, lost = window.read(cursor)
+            if lost:
+                api.stats.count(api.stats.cut_off, "window")
+                message = {
+                    "error": f"cut off: this stream fell {lost} records behind the "
+                    f"{window.capacity}-record window (read faster, or filter more)",
+                    "lost": lost,
+                }
+                out.write(_control(message, sse))
+                out.flush()
+                return
+            pending = [_line(e, sse) for e in entries if flow_filter.matches(e.record)]
+            if entries:
+                continue
+            if time.monotonic() - quiet_since >= KEEPALIVE:
+                pending = [b": keep-alive\n\n" if sse else b"\n"]
+            else:
+                window.wait(cursor, 1.0)
+
+    def _graph(self, params: dict[str, list[str]]) -> None:
+        flow_filter = self._filter(params, _GRAPH, GRAPH_SINCE)
+        by = _one(params, "by", "workload")
+        if by not in GROUPINGS:
+            raise BadParameter("by", by, _GRAPH["by"])
+        self._json(flow_graph(self._matching(flow_filter), by))
+
+    def _throughput(self, params: dict[str, list[str]]) -> None:
+        flow_filter = self._filter(params, _THROUGHPUT, GRAPH_SINCE)
+        assert flow_filter.since is not None
+        since = flow_filter.since
+        until = flow_filter.until if flow_filter.until is not None else self.api.clock()
+        step_text = _one(params, "step", "")
+        try:
+            step = parse_duration(step_text) if step_text else max(1.0, (until - since) / 60)
+        except ValueError:
+            raise BadParameter("step", step_text, _THROUGHPUT["step"]) from None
+        if step < 1 or (until - since) / step > 10_000:
+            raise BadParameter("step", step_text, f"{_THROUGHPUT['step']}, at most 10000 steps")
+        self._json(node_throughput(self._matching(flow_filter), since, until, step))
+
+    def _matching(self, flow_filter: FlowFilter) -> list:
+        return [e.record for e in self.api.window.newest() if flow_filter.matches(e.record)]
+
+    def _status(self) -> None:
+        window = self.api.window
+        requests, cut_off, streams = self.api.stats.snapshot()
+        self._json(
+            {
+                "window": {"capacity": window.capacity, "records": len(window)},
+                "exported": window.next_seq,
+                "followStreams": streams,
+                "cutOff": cut_off,
+            }
+        )
+
+    def _static(self, path: str) -> None:
+        name = "index.html" if path == "/" else path[len("/ui/") :]
+        parts = Path(name).parts
+        if not name or ".." in parts or name.startswith("/"):
+            self._error(HTTPStatus.NOT_FOUND, f"no such file {name!r}")
+            return
+        resource = UI_DIR.joinpath(*parts)
+        if not resource.is_file():
+            if parts[0] == "vendor":
+                self._error(
+                    HTTPStatus.SERVICE_UNAVAILABLE,
+                    f"the UI's library {name!r} is not installed: run `make setup` "
+                    "(it fetches it from npm), or install a package built after it",
+                )
+            else:
+                self._error(HTTPStatus.NOT_FOUND, f"no such file {name!r}")
+            return
+        content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        if content_type.startswith("text/") or content_type.endswith("javascript"):
+            content_type += "; charset=utf-8"
+        self._send(HTTPStatus.OK, content_type, resource.read_bytes())
+
+    def _json(self, value) -> None:
+        body = json.dumps(value, separators=(",", ":")).encode()
+        self._send(HTTPStatus.OK, "application/json", body)
+
+    def _error(self, status: HTTPStatus, message: str) -> None:
+        body = json.dumps({"error": message}).encode() + b"\n"
+        self._send(status, "application/json", body)
+
+    def _send(self, status: HTTPStatus, content_type: str, body: bytes) -> None:
+        self.api.stats.count(self.api.stats.requests, str(status.value))
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def _line(entry: Entry, sse: bool) -> bytes:
+    if sse:
+        return b'id: %d\ndata: {"flow":%s}\n\n' % (entry.seq, entry.json())
+    return b'{"flow":' + entry.json() + b"}\n"
+
+
+def _control(message: dict, sse: bool) -> bytes:
+    data = json.dumps(message).encode()
+    return b"event: error\ndata: " + data + b"\n\n" if sse else data + b"\n"
+
+
+def _one(params: dict[str, list[str]], name: str, default: str) -> str:
+    values = params.get(name)
+    return values[-1] if values else default
+
+
+def _boolean(params: dict[str, list[str]], name: str) -> bool:
+    value = _one(params, name, "false").lower()
+    if value not in ("true", "false", "1", "0", ""):
+        raise BadParameter(name, value, "true or false")
+    return value in ("true", "1", "")
+
+
+def _integer(params: dict[str, list[str]], name: str, default: int, low: int, high: int) -> int:
+    text = _one(params, name, "")
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise BadParameter(name, text, _FLOWS[name])
+    return value

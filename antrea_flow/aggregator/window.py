@@ -1,0 +1,100 @@
+"""The latest exported records, kept for the flow API: a ring that the aggregator's loop
+appends to and that API threads read by sequence number, without a lock.
+
+A follow stream keeps the sequence number of the next record it wants. A stream that falls
+so far behind that the ring has overwritten what it wants has lost those records: it is
+told how many and cut off. Appending costs the same with no reader or with a hundred, so
+readers can never slow the aggregator down.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+
+from ..ipfix.antrea import FlowRecord
+from ..ipfix.render import json_value
+
+
+class Entry:
+    """One exported record and its number. `encoded` is its JSON line, made by the first API
+    thread that needs it (any thread may; they all make the same bytes)."""
+
+    __slots__ = ("seq", "record", "encoded")
+
+    def __init__(self, seq: int, record: FlowRecord):
+        self.seq = seq
+        self.record = record
+        self.encoded: bytes | None = None
+
+    def json(self) -> bytes:
+        encoded = self.encoded
+        if encoded is None:
+            encoded = json.dumps(self.record, default=json_value, separators=(",", ":")).encode()
+            self.encoded = encoded
+        return encoded
+
+
+class FlowWindow:
+    """Owner: the aggregator's loop, the one writer (`append`, `published`). Readers on other
+    threads call `read`, `newest` and `wait`: the ring's slots are replaced whole and each
+    entry carries its number, so a reader sees either the entry it wants or a newer one,
+    which tells it that it fell behind. Records are never changed once appended."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._ring: list[Entry | None] = [None] * capacity
+        self.next_seq = 0  # the number the next record gets
+        self._changed = threading.Condition()
+
+    def append(self, record: FlowRecord) -> None:
+        seq = self.next_seq
+        self._ring[seq % self.capacity] = Entry(seq, record)
+        self.next_seq = seq + 1
+
+    def published(self) -> None:
+        """Wake the readers waiting for records (once per batch of appends)."""
+        with self._changed:
+            self._changed.notify_all()
+
+    def __len__(self) -> int:
+        return min(self.next_seq, self.capacity)
+
+    @property
+    def oldest_seq(self) -> int:
+        return max(0, self.next_seq - self.capacity)
+
+    def read(self, cursor: int, limit: int = 4096) -> tuple[list[Entry], int, int]:
+        """Up to `limit` entries from number `cursor` on: (entries, the next cursor, how many
+        wanted records the ring no longer holds)."""
+        head = self.next_seq
+        start = max(cursor, head - self.capacity)
+        end = min(head, start + limit)
+        ring, capacity = self._ring, self.capacity
+        entries: list[Entry] = []
+        for seq in range(start, end):
+            entry = ring[seq % capacity]
+            if entry is None or entry.seq != seq:  # overwritten while we read: the next
+                return entries, seq, start - cursor  # read counts what was lost
+            entries.append(entry)
+        return entries, end, start - cursor
+
+    def newest(self) -> Iterator[Entry]:
+        """Entries from the newest back to the oldest the ring still holds."""
+        ring, capacity = self._ring, self.capacity
+        seq = self.next_seq - 1
+        while seq >= 0:
+            entry = ring[seq % capacity]
+            if entry is None or entry.seq != seq:
+                return  # the rest was overwritten while we read
+            yield entry
+            seq -= 1
+
+    def wait(self, cursor: int, timeout: float) -> bool:
+        """Block until a record numbered `cursor` or later exists, at most `timeout` seconds."""
+        with self._changed:
+            if self.next_seq > cursor:
+                return True
+            self._changed.wait(timeout)
+        return self.next_seq > cursor
