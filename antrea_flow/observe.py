@@ -60,6 +60,13 @@ def add_parser(sub) -> None:
         "--server", help=f"the aggregator's flow API (default {DEFAULT_SERVER})", metavar="URL"
     )
     source.add_argument("--file", help="a JSON-lines file of records (the JSON sink's)")
+    source.add_argument(
+        "--clickhouse",
+        metavar="URL",
+        help="the ClickHouse sink's database: http(s)://HOST:PORT (user from CH_USERNAME and "
+        "CH_PASSWORD) or file:///DIRECTORY of an embedded one no aggregator holds open",
+    )
+    p.add_argument("--database", default="default", help="with --clickhouse (default: default)")
     p.add_argument("--token", help="the API's token (apiToken); or ANTREA_FLOW_API_TOKEN")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new flows")
     p.add_argument("--last", type=str, help="the N latest matching flows (default 20)")
@@ -88,6 +95,10 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.file:
             records = _file_records(Path(args.file), flow_filter, last, args.follow)
+        elif args.clickhouse:
+            if args.follow:
+                raise UsageError("--follow: reads --server or --file; --clickhouse is history")
+            records = iter(_stored_records(args.clickhouse, args.database, flow_filter, last))
         else:
             token = args.token or os.environ.get("ANTREA_FLOW_API_TOKEN", "")
             server = (args.server or DEFAULT_SERVER).rstrip("/")
@@ -150,6 +161,46 @@ def server_records(
                 yield message["flow"]
             elif "error" in message:
                 print(f"antrea-flow observe: {message['error']}", file=sys.stderr)
+
+
+def _stored_records(
+    url: str, database_name: str, flow_filter: FlowFilter, last: int
+) -> list[dict[str, Any]]:
+    """The latest `last` matching records of the ClickHouse sink's `flows` table, oldest
+    first (read only: nothing is created)."""
+    from .aggregator import history  # pyarrow, and chDB for file:// URLs
+    from .aggregator.chschema import COLUMNS, FLOWS
+    from .aggregator.clickhouse import Database, DatabaseError
+    from .aggregator.config import (
+        DATABASE_FORM,
+        DATABASE_NAME,
+        DATABASE_URL_FORM,
+        ClickHouseConfig,
+        credentials,
+        database_url,
+    )
+
+    try:
+        url = database_url(url)
+    except ValueError as exc:
+        raise UsageError(f"--clickhouse: {url!r} {exc}; expected {DATABASE_URL_FORM}") from None
+    if not DATABASE_NAME.fullmatch(database_name):
+        raise UsageError(f"--database: {database_name!r} is not valid; expected {DATABASE_FORM}")
+    username, password = credentials()
+    config = ClickHouseConfig(url, database_name, username=username, password=password)
+    database = Database(config)
+    try:
+        database.connect()
+        present = {row[0] for row in database.rows(f"DESCRIBE TABLE {database_name}.{FLOWS}")}
+        columns = [c for c in COLUMNS if c.name in present]
+        rows = database.rows(history.select(database_name, columns, flow_filter, last))
+    except DatabaseError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        database.close()
+    found = [r for r in history.records(columns, rows) if flow_filter.matches(r)]
+    found.reverse()
+    return found
 
 
 def _refusal(server: str, exc: urllib.error.HTTPError) -> str:

@@ -32,18 +32,19 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from ..durations import parse_duration
 from ..flowfilter import FILTER_PARAMETERS, FilterError, FlowFilter, parse_filter
 from ..ipfix.address import TransportAddress
 from .graph import GROUPINGS, flow_graph, node_throughput
-from .window import Entry, FlowWindow
+from .window import Entry, FlowWindow, encode
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,15 @@ _FLOWS = {
 _GRAPH = {**FILTER_PARAMETERS, "by": ", ".join(GROUPINGS)}
 _THROUGHPUT = {**FILTER_PARAMETERS, "step": 'a duration such as "10s" (at least 1s)'}
 GRAPH_SINCE = "5m"  # the window of a graph or throughput request that names no `since`
+
+
+class HistoryUnavailable(Exception):
+    """The stored records cannot be read now; the message says why."""
+
+
+# (filter, last) -> (the latest `last` stored records it matches, oldest first; how many
+# exported records were stored or given up when it asked): ClickHouse's, when that sink runs.
+History = Callable[[FlowFilter, int], tuple[list[dict], int]]
 
 
 class BadParameter(Exception):
@@ -104,10 +114,12 @@ class FlowApi:
         window: FlowWindow,
         token: str = "",
         clock: Callable[[], float] = time.time,
+        history: History | None = None,
     ):
         self.address = address
         self.window = window
         self.token = token
+        self.history = history
         self.clock = clock
         self.stats = ApiStats()
         self.stopping = threading.Event()
@@ -267,8 +279,11 @@ class _Handler(BaseHTTPRequestHandler):
             past.reverse()
         content_type = "text/event-stream" if sse else "application/x-ndjson"
         if not follow:
+            if len(past) < last and self.api.history is not None:
+                self._stored(flow_filter, last, past, content_type)
+                return
             body = b"".join(_line(entry, sse) for entry in past)
-            self._send(HTTPStatus.OK, content_type, body)
+            self._send(HTTPStatus.OK, content_type, body, {"X-Flow-Source": "window"})
             return
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", content_type)
@@ -283,6 +298,23 @@ class _Handler(BaseHTTPRequestHandler):
             self._follow(flow_filter, cursor, past, sse)
         finally:
             self.api.stats.stream(-1)
+
+    def _stored(
+        self, flow_filter: FlowFilter, last: int, past: list[Entry], content_type: str
+    ) -> None:
+        """What the window lacks, from the database: its latest records, then those the
+        window holds that may not be stored yet."""
+        assert self.api.history is not None
+        try:
+            stored, settled = self.api.history(flow_filter, last)
+        except HistoryUnavailable as exc:
+            body = b"".join(_line(entry, False) for entry in past)
+            headers = {"X-Flow-Source": "window", "X-Flow-History-Error": _header(str(exc))}
+            self._send(HTTPStatus.OK, content_type, body, headers)
+            return
+        records = stored + [entry.record for entry in past if entry.seq >= settled]
+        body = b"".join(_record_line(record) for record in records[-last:])
+        self._send(HTTPStatus.OK, content_type, body, {"X-Flow-Source": "clickhouse"})
 
     def _follow(self, flow_filter: FlowFilter, cursor: int, past: list[Entry], sse: bool) -> None:
         api, window, out = self.api, self.api.window, self.wfile
@@ -383,9 +415,17 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.dumps({"error": message}).encode() + b"\n"
         self._send(status, "application/json", body)
 
-    def _send(self, status: HTTPStatus, content_type: str, body: bytes) -> None:
+    def _send(
+        self,
+        status: HTTPStatus,
+        content_type: str,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.api.stats.count(self.api.stats.requests, str(status.value))
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
@@ -397,6 +437,15 @@ def _line(entry: Entry, sse: bool) -> bytes:
     if sse:
         return b'id: %d\ndata: {"flow":%s}\n\n' % (entry.seq, entry.json())
     return b'{"flow":' + entry.json() + b"}\n"
+
+
+def _record_line(record: Mapping[str, Any]) -> bytes:
+    return b'{"flow":' + encode(record) + b"}\n"
+
+
+def _header(text: str) -> str:
+    """`text` as one header line: printable ASCII, bounded."""
+    return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)[:300]
 
 
 def _control(message: dict, sse: bool) -> bytes:

@@ -25,10 +25,11 @@ from urllib.parse import urlsplit
 
 import pyarrow as pa
 
+from ..flowfilter import FlowFilter
 from ..ipfix.antrea import FlowRecord
 from ..logutil import LogOnce
 from ..metrics import counter, gauge
-from . import chschema
+from . import chschema, history
 from .chschema import COLUMNS, FLOWS, SCHEMA_VERSION, VERSION_TABLE, Column, records_table
 from .config import ClickHouseConfig
 
@@ -51,14 +52,20 @@ class DatabaseError(Exception):
 class Database:
     """ClickHouse through clickhouse-connect: chDB inside this process for file:// URLs (one
     directory per process, chDB's rule), a server's HTTP interface otherwise. The same
-    client, statements and columnar inserts either way. Used by one thread at a time."""
+    client, statements and columnar inserts either way. The sink's writer thread uses it,
+    and the flow API's threads read history through it: each call holds `_lock`."""
 
     def __init__(self, config: ClickHouseConfig):
         self.config = config
         self.database = config.database
         self._client: Any = None
+        self._lock = threading.RLock()
 
     def connect(self) -> None:
+        with self._lock:
+            self._connect()
+
+    def _connect(self) -> None:
         import clickhouse_connect  # with chDB's 250 MB of libraries when embedded
 
         config = self.config
@@ -79,31 +86,42 @@ class Database:
                 "connect_timeout": 10,
                 "send_receive_timeout": 60,
             }
-        self._client = self._call(
+        self._client = self._guarded(
             clickhouse_connect.get_client, show_clickhouse_errors=True, **options
         )
         self.command(f"CREATE DATABASE IF NOT EXISTS {config.database}")
 
-    def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    @property
+    def where(self) -> str:
+        kind = "embedded ClickHouse at" if self.config.embedded else "ClickHouse at"
+        return f"{kind} {self.config.url}"
+
+    def _guarded(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         from clickhouse_connect.driver.exceptions import ClickHouseError
 
         try:
             return method(*args, **kwargs)
         except (ClickHouseError, OSError) as exc:
             self.close()
-            where = "embedded ClickHouse at" if self.config.embedded else "ClickHouse at"
             message = " ".join(str(exc).split())  # one line
-            raise DatabaseError(f"{where} {self.config.url}: {message}") from None
+            raise DatabaseError(f"{self.where}: {message}") from None
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """The client's method `name`, under the lock; DatabaseError when not connected."""
+        with self._lock:
+            if self._client is None:
+                raise DatabaseError(f"{self.where}: not connected")
+            return self._guarded(getattr(self._client, name), *args, **kwargs)
 
     def command(self, sql: str) -> None:
-        self._call(self._client.command, sql)
+        self._call("command", sql)
 
     def rows(self, sql: str) -> list[tuple[Any, ...]]:
-        return [tuple(row) for row in self._call(self._client.query, sql).result_rows]
+        return [tuple(row) for row in self._call("query", sql).result_rows]
 
     def insert(self, table: pa.Table, token: str) -> None:
         self._call(
-            self._client.insert_arrow,
+            "insert_arrow",
             f"{self.database}.{FLOWS}",
             table,
             settings={
@@ -113,10 +131,11 @@ class Database:
         )
 
     def close(self) -> None:
-        if self._client is not None:
-            with contextlib.suppress(Exception):
-                self._client.close()
-            self._client = None
+        with self._lock:
+            if self._client is not None:
+                with contextlib.suppress(Exception):
+                    self._client.close()
+                self._client = None
 
 
 def prepare(database: Database, ttl_seconds: int) -> tuple[Column, ...]:
@@ -263,6 +282,20 @@ class ClickHouseSink:
     def pending(self) -> int:
         """Records taken and not yet inserted or dropped."""
         return self.accepted - self.settled
+
+    def history(self, flow_filter: FlowFilter, last: int) -> tuple[list[dict[str, Any]], int]:
+        """The latest `last` stored records `flow_filter` matches, oldest first, and how many
+        records the sink had settled when it asked (those it took later may not be stored
+        yet). DatabaseError while the database cannot be used. Called on API threads."""
+        columns = self._columns
+        if columns is None:
+            raise DatabaseError(f"{self.database.where}: not connected yet")
+        settled = self.settled
+        sql = history.select(self.database.database, columns, flow_filter, last)
+        found = history.records(columns, self.database.rows(sql))
+        found = [record for record in found if flow_filter.matches(record)]
+        found.reverse()
+        return found, settled
 
     @property
     def held_rows(self) -> int:

@@ -159,28 +159,40 @@ def _database_url(section: ConfigReader, default_directory: str) -> str:
     if not text:
         return Path(default_directory, "clickhouse").absolute().as_uri()
     try:
+        return database_url(text)
+    except ValueError as exc:
+        raise section.error(key, text, str(exc), DATABASE_URL_FORM) from None
+
+
+def credentials() -> tuple[str, str]:
+    """The ClickHouse user and password, from CH_USERNAME and CH_PASSWORD as upstream's
+    Deployment sets them (from Secret clickhouse-secret)."""
+    return os.environ.get("CH_USERNAME") or "default", os.environ.get("CH_PASSWORD", "")
+
+
+def database_url(text: str) -> str:
+    """A ClickHouse URL as the sink uses it (the port made explicit); ValueError saying
+    what is wrong with it (the accepted form is DATABASE_URL_FORM)."""
+    try:
         parts = urlsplit(text)
         port = parts.port
     except ValueError:
-        raise section.error(key, text, "is not a URL", DATABASE_URL_FORM) from None
+        raise ValueError("is not a URL") from None
     scheme = parts.scheme.lower()
     if scheme in ("tcp", "tls"):
-        raise section.error(
-            key,
-            text,
+        raise ValueError(
             "uses ClickHouse's native protocol, which antrea-flow does not speak; the same "
-            "server answers over HTTP",
-            DATABASE_URL_FORM,
+            "server answers over HTTP"
         )
     if scheme == "file":
         if parts.netloc or not parts.path.startswith("/") or parts.query or parts.fragment:
-            raise section.error(key, text, "is not a file URL", DATABASE_URL_FORM)
+            raise ValueError("is not a file URL")
         return text
     if scheme not in ("http", "https") or not parts.hostname:
-        raise section.error(key, text, "is not allowed", DATABASE_URL_FORM)
+        raise ValueError("is not allowed")
     # As upstream: the database, user and options have keys of their own.
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        raise section.error(key, text, "has a path, query or user (not allowed)", DATABASE_URL_FORM)
+        raise ValueError("has a path, query or user (not allowed)")
     default_port = 8443 if scheme == "https" else 8123
     return f"{scheme}://{parts.netloc.lower() if port else f'{parts.netloc}:{default_port}'}"
 
@@ -203,6 +215,7 @@ def _clickhouse(reader: ConfigReader, default_directory: str) -> ClickHouseConfi
         insecure = tls.boolean("insecureSkipVerify", False)
         ca_cert = CLICKHOUSE_CA if tls.boolean("caCert", False) else ""
         tls.reject_unknown()
+    username, password = credentials()
     config = ClickHouseConfig(
         url=url,
         database=database,
@@ -213,8 +226,8 @@ def _clickhouse(reader: ConfigReader, default_directory: str) -> ClickHouseConfi
         queue_size=section.integer("queueSize", 1 << 19, 1, 1 << 26),
         insecure_skip_verify=insecure,
         ca_cert=ca_cert,
-        username=os.environ.get("CH_USERNAME") or "default",
-        password=os.environ.get("CH_PASSWORD", ""),
+        username=username,
+        password=password,
     )
     section.reject_unknown()
     return config if enabled else None

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from ..codes import AGGREGATOR_SERVICE_NAME
 from ..configfile import ConfigError
 from ..errors import UsageError, cannot_listen
+from ..flowfilter import FlowFilter
 from ..ipfix.address import is_ip
 from ..ipfix.antrea import FlowRecord
 from ..ipfix.collecting import LIMIT_REASONS, CollectingProcess, Peer, exporter_key
@@ -173,7 +174,13 @@ class Aggregator:
             from .api import FlowApi
 
             self.window = FlowWindow(config.api_window)
-            self.flow_api = FlowApi(config.api_address, self.window, config.api_token, clock)
+            self.flow_api = FlowApi(
+                config.api_address,
+                self.window,
+                config.api_token,
+                clock,
+                history=self._history if self.clickhouse is not None else None,
+            )
         self.metadata = MetadataStore(clock=clock)
         self.inventory = (
             InventoryFileSource(config.inventory_file, self.metadata)
@@ -189,6 +196,17 @@ class Aggregator:
         self.registry = registry or CollectorRegistry()
         self.metrics = OwnerCollector(self._metrics)
         self.registry.register(self.metrics)
+
+    def _history(self, flow_filter: FlowFilter, last: int) -> tuple[list[dict], int]:
+        """The flow API's history: what the ClickHouse sink stored (on an API thread)."""
+        from .api import HistoryUnavailable
+        from .clickhouse import DatabaseError
+
+        assert self.clickhouse is not None
+        try:
+            return self.clickhouse.history(flow_filter, last)
+        except DatabaseError as exc:
+            raise HistoryUnavailable(str(exc)) from None
 
     def _intake(self, peer: Peer, message: Message) -> None:
         now = self.clock()

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from ..ipfix.antrea import FlowRecord
 from ..ipfix.render import json_value
@@ -31,9 +32,13 @@ class Entry:
     def json(self) -> bytes:
         encoded = self.encoded
         if encoded is None:
-            encoded = json.dumps(self.record, default=json_value, separators=(",", ":")).encode()
-            self.encoded = encoded
+            encoded = self.encoded = encode(self.record)
         return encoded
+
+
+def encode(record: Mapping[str, Any]) -> bytes:
+    """A record as the API sends it: compact JSON, keyed by IE names."""
+    return json.dumps(record, default=json_value, separators=(",", ":")).encode()
 
 
 class FlowWindow:
