@@ -333,8 +333,15 @@ def _network(value: str) -> Network:
     return ipaddress.ip_network(value, strict=False)
 
 
+def _number(value: str) -> int:
+    """A decimal number of ASCII digits (int() also takes "1_000" and other scripts' digits)."""
+    if not (value.isascii() and value.isdigit()):
+        raise ValueError(value)
+    return int(value)
+
+
 def _port(value: str) -> int:
-    port = int(value)
+    port = _number(value)
     if not 0 <= port <= 65535:
         raise ValueError(value)
     return port
@@ -343,7 +350,7 @@ def _port(value: str) -> int:
 def _protocol(value: str) -> int:
     if value.lower() in PROTOCOLS:
         return PROTOCOLS[value.lower()]
-    number = int(value)
+    number = _number(value)
     if not 0 <= number <= 255:
         raise ValueError(value)
     return number
@@ -369,9 +376,13 @@ def _time(value: str, now: float) -> float:
     """Epoch seconds of "5m" (that long ago), an ISO 8601 time (UTC unless it says), or a
     number of epoch seconds."""
     try:
-        return now - parse_duration(value)
+        ago = parse_duration(value)
     except ValueError:
         pass
+    else:
+        if ago < 0:
+            raise ValueError(value)  # a time to come: no flow has ended then
+        return now - ago
     try:
         seconds = float(value)
     except ValueError:

@@ -156,7 +156,12 @@ def server_records(
         for line in response:
             if not line.strip():
                 continue  # a keep-alive
-            message = json.loads(line)
+            try:
+                message = json.loads(line)
+            except ValueError:  # cut short: the server closed the stream mid-record
+                print("antrea-flow observe: the stream ended in the middle of a record",
+                      file=sys.stderr)  # fmt: skip
+                return
             if "flow" in message:
                 yield message["flow"]
             elif "error" in message:
@@ -222,18 +227,27 @@ def _file_records(
         stream = path.open("rb")
     except OSError as exc:
         raise UsageError(f"--file: {str(path)!r}: {exc.strerror}") from None
-    with stream:
-        bad = [0]
+    bad = [0]
+    try:
         matching = [r for r in _decoded(stream, bad) if flow_filter.matches(r)]
         yield from matching[len(matching) - last :] if last else ()
         while follow:
-            position = stream.tell()
-            if path.stat().st_size < position:  # truncated or replaced: read it again
-                stream.seek(0)
             more = [r for r in _decoded(stream, bad) if flow_filter.matches(r)]
             yield from more
-            if not more:
-                time.sleep(FOLLOW_POLL)
+            if more:
+                continue
+            time.sleep(FOLLOW_POLL)
+            try:
+                now = path.stat()
+            except FileNotFoundError:
+                continue  # between a rotation's rename and the new file
+            if now.st_ino != os.fstat(stream.fileno()).st_ino:  # replaced (logrotate)
+                stream.close()
+                stream = path.open("rb")
+            elif now.st_size < stream.tell():  # truncated in place
+                stream.seek(0)
+    finally:
+        stream.close()
 
 
 def _decoded(stream: IO[bytes], bad: list[int]) -> Iterator[dict[str, Any]]:

@@ -32,12 +32,12 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from ..durations import parse_duration
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 MAX_CLIENTS = 128  # connections served at once; more get 503
 SEND_TIMEOUT = 10.0  # seconds a client may leave what we send untaken before it is cut off
 KEEPALIVE = 15.0  # seconds of silence after which a follow stream sends a keep-alive
+FOLLOW_BATCH = 256  # records a follow stream writes at once (what it holds meanwhile)
 DEFAULT_LAST = 20
 MAX_LAST = 1_000_000
 UI_DIR = resources.files("antrea_flow.aggregator") / "ui"
@@ -81,15 +82,24 @@ class BadParameter(Exception):
         super().__init__(f"{parameter}: {value!r} is not valid; expected {form}")
 
 
+@dataclass(frozen=True, slots=True)
+class ApiCounts:
+    requests: dict[str, int]  # by HTTP status code
+    cut_off: dict[str, int]  # follow streams ended by us, by reason
+    streams: int  # follow streams open
+    streamed: int  # records written to follow streams
+
+
 class ApiStats:
     """Counters of the API's threads, each change under one short lock; `snapshot` copies
     them for the metrics scrape."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self.requests: Counter[str] = Counter()  # by HTTP status code
-        self.cut_off: Counter[str] = Counter()  # follow streams ended by us, by reason
+        self.requests: Counter[str] = Counter()
+        self.cut_off: Counter[str] = Counter()
         self.streams = 0
+        self.streamed = 0
 
     def count(self, counter: Counter[str], key: str) -> None:
         with self._lock:
@@ -99,9 +109,13 @@ class ApiStats:
         with self._lock:
             self.streams += delta
 
-    def snapshot(self) -> tuple[dict[str, int], dict[str, int], int]:
+    def wrote(self, records: int) -> None:
         with self._lock:
-            return dict(self.requests), dict(self.cut_off), self.streams
+            self.streamed += records
+
+    def snapshot(self) -> ApiCounts:
+        with self._lock:
+            return ApiCounts(dict(self.requests), dict(self.cut_off), self.streams, self.streamed)
 
 
 class FlowApi:
@@ -156,19 +170,27 @@ class FlowApi:
             self.window.published()  # wake the follow streams so that they end
 
     def metrics(self, prefix: str):
-        from ..metrics import gauge, labelled_counter
+        from ..metrics import counter, gauge, labelled_counter
 
-        requests, cut_off, streams = self.stats.snapshot()
+        counts = self.stats.snapshot()
         yield labelled_counter(
-            f"{prefix}api_requests_total", "Flow API requests, by HTTP status.", "code", requests
+            f"{prefix}api_requests_total",
+            "Flow API requests, by HTTP status.",
+            "code",
+            counts.requests,
         )
-        yield gauge(f"{prefix}api_follow_streams", "Follow streams open now.", streams)
+        yield gauge(f"{prefix}api_follow_streams", "Follow streams open now.", counts.streams)
+        yield counter(
+            f"{prefix}api_streamed_records_total",
+            "Records written to follow streams (each stream counts its own).",
+            counts.streamed,
+        )
         yield labelled_counter(
             f"{prefix}api_streams_cut_off_total",
             "Follow streams ended because their client fell behind (window: a whole window "
             "of records behind; send_timeout: took nothing for the send timeout).",
             "reason",
-            cut_off,
+            counts.cut_off,
             always=("window", "send_timeout"),
         )
         yield gauge(
@@ -189,7 +211,13 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_HEAD(self) -> None:
-        self._error(HTTPStatus.METHOD_NOT_ALLOWED, "the flow API is read-only: use GET")
+        # The request's body is not read: the connection closes after the answer.
+        self.close_connection = True
+        self._error(
+            HTTPStatus.METHOD_NOT_ALLOWED,
+            "the flow API is read-only: use GET",
+            {"Allow": "GET", "Connection": "close"},
+        )
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD
 
@@ -237,7 +265,11 @@ class _Handler(BaseHTTPRequestHandler):
         given = header[7:] if header.startswith("Bearer ") else params.get("access_token", [""])[0]
         if hmac.compare_digest(given.encode(), token.encode()):
             return True
-        self._error(HTTPStatus.UNAUTHORIZED, "this API needs its token: Authorization: Bearer ...")
+        self._error(
+            HTTPStatus.UNAUTHORIZED,
+            "this API needs its token: Authorization: Bearer ...",
+            {"WWW-Authenticate": 'Bearer realm="antrea-flow"'},
+        )
         return False
 
     def _check(self, params: dict[str, list[str]], known: dict[str, str]) -> None:
@@ -259,16 +291,17 @@ class _Handler(BaseHTTPRequestHandler):
     def _flows(self, params: dict[str, list[str]]) -> None:
         flow_filter = self._filter(params, _FLOWS)
         follow = _boolean(params, "follow")
-        fmt = _one(params, "format", "ndjson")
-        if fmt not in ("ndjson", "sse"):
+        fmt = _one(params, "format", "")
+        if fmt not in ("ndjson", "sse", ""):
             raise BadParameter("format", fmt, _FLOWS["format"])
-        sse = fmt == "sse" or "text/event-stream" in self.headers.get("Accept", "")
+        accept = self.headers.get("Accept", "")
+        sse = fmt == "sse" or (not fmt and "text/event-stream" in accept)
         last = _integer(params, "last", 0 if follow else DEFAULT_LAST, 0, MAX_LAST)
         window = self.api.window
         cursor = window.next_seq
         resume = self.headers.get("Last-Event-ID", "")
-        if sse and resume.isdigit():  # an EventSource reconnecting: go on where it was
-            cursor, last = int(resume) + 1, 0
+        if sse and resume.isdigit():  # an EventSource reconnecting: go on where it was (not
+            cursor, last = min(int(resume) + 1, cursor), 0  # past now: a restarted aggregator)
         past: list[Entry] = []
         if last:
             for entry in window.newest():
@@ -313,12 +346,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.OK, content_type, body, headers)
             return
         records = stored + [entry.record for entry in past if entry.seq >= settled]
-        body = b"".join(_record_line(record) for record in records[-last:])
+        body = b"".join(encode(record) for record in records[-last:])
         self._send(HTTPStatus.OK, content_type, body, {"X-Flow-Source": "clickhouse"})
 
     def _follow(self, flow_filter: FlowFilter, cursor: int, past: list[Entry], sse: bool) -> None:
         api, window, out = self.api, self.api.window, self.wfile
+        everything = flow_filter == FlowFilter()  # then no record needs looking at
         pending = [_line(entry, sse) for entry in past]
+        records = len(pending)  # of the pending lines (the rest are keep-alives)
         quiet_since = time.monotonic()
         while not api.stopping.is_set():
             if pending:
@@ -328,9 +363,11 @@ class _Handler(BaseHTTPRequestHandler):
                 except TimeoutError:
                     api.stats.count(api.stats.cut_off, "send_timeout")
                     raise
-                pending = []
+                if records:
+                    api.stats.wrote(records)
+                pending, records = [], 0
                 quiet_since = time.monotonic()
-            entries, cursor, lost = window.read(cursor)
+            entries, cursor, lost = window.read(cursor, FOLLOW_BATCH)
             if lost:
                 api.stats.count(api.stats.cut_off, "window")
                 message = {
@@ -341,8 +378,13 @@ class _Handler(BaseHTTPRequestHandler):
                 out.write(_control(message, sse))
                 out.flush()
                 return
-            pending = [_line(e, sse) for e in entries if flow_filter.matches(e.record)]
-            if entries:
+            if everything and not sse:  # the common case: runs every such stream shares
+                pending, records = ([window.lines(entries)] if entries else []), len(entries)
+            else:
+                if not everything:
+                    entries = [e for e in entries if flow_filter.matches(e.record)]
+                pending, records = [_line(e, sse) for e in entries], len(entries)
+            if entries or cursor < window.next_seq:
                 continue
             if time.monotonic() - quiet_since >= KEEPALIVE:
                 pending = [b": keep-alive\n\n" if sse else b"\n"]
@@ -375,13 +417,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _status(self) -> None:
         window = self.api.window
-        requests, cut_off, streams = self.api.stats.snapshot()
+        counts = self.api.stats.snapshot()
         self._json(
             {
                 "window": {"capacity": window.capacity, "records": len(window)},
                 "exported": window.next_seq,
-                "followStreams": streams,
-                "cutOff": cut_off,
+                "followStreams": counts.streams,
+                "streamed": counts.streamed,
+                "cutOff": counts.cut_off,
             }
         )
 
@@ -411,9 +454,11 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.dumps(value, separators=(",", ":")).encode()
         self._send(HTTPStatus.OK, "application/json", body)
 
-    def _error(self, status: HTTPStatus, message: str) -> None:
+    def _error(
+        self, status: HTTPStatus, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         body = json.dumps({"error": message}).encode() + b"\n"
-        self._send(status, "application/json", body)
+        self._send(status, "application/json", body, headers)
 
     def _send(
         self,
@@ -435,12 +480,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 def _line(entry: Entry, sse: bool) -> bytes:
     if sse:
-        return b'id: %d\ndata: {"flow":%s}\n\n' % (entry.seq, entry.json())
-    return b'{"flow":' + entry.json() + b"}\n"
-
-
-def _record_line(record: Mapping[str, Any]) -> bytes:
-    return b'{"flow":' + encode(record) + b"}\n"
+        return b"id: %d\ndata: %s\n\n" % (entry.seq, entry.line()[:-1])
+    return entry.line()
 
 
 def _header(text: str) -> str:

@@ -20,8 +20,10 @@ GROUPINGS = ("workload", "pod", "namespace", "service", "node", "policy")
 # The label Kubernetes recommends for an application's name, then the usual ones.
 _WORKLOAD_LABELS = ("app.kubernetes.io/name", "app", "k8s-app")
 # Generated Pod name suffixes: Deployment (ReplicaSet hash and Pod id), DaemonSet or Job
-# (Pod id), StatefulSet (ordinal).
-_GENERATED = re.compile(r"(-[0-9a-f]{6,10}-[0-9a-z]{5}|-[0-9a-z]{5}|-\d+)$")
+# (Pod id), StatefulSet (ordinal). Kubernetes makes ids of this alphabet only (no vowels),
+# so a name's own last word ("my-nginx", "redis-cache") is not taken for one.
+_ID = "[bcdfghjklmnpqrstvwxz2456789]"
+_GENERATED = re.compile(rf"(-{_ID}{{6,10}}-{_ID}{{5}}|-{_ID}{{5}}|-\d+)$")
 
 
 def workload(name: str, labels: str | dict | None) -> str:
@@ -122,7 +124,8 @@ def flow_graph(records: Iterable[Record], by: str) -> dict[str, Any]:
         edge.packets += packets
         edge.connections.add(connection)
         edge.verdicts.setdefault(verdict(record), set()).add(connection)
-        for node_id, kind, namespace in ((src, src_kind, src_ns), (dst, dst_kind, dst_ns)):
+        ends = ((src, src_kind, src_ns), (dst, dst_kind, dst_ns))
+        for node_id, kind, namespace in ends if src != dst else ends[:1]:  # within: once
             node = nodes.get(node_id)
             if node is None:
                 node = nodes[node_id] = {"id": node_id, "kind": kind, "namespace": namespace}

@@ -369,14 +369,14 @@ class Aggregator:
             try:
                 self.flow_api.start()
             except OSError as exc:
-                await self.collector.stop()
-                raise cannot_listen(
-                    f"apiBindAddress {address.host_port!r}", address.host, exc
-                ) from None
-            log.info(
-                "flow API and UI on http://%s/",
-                _url_host(address.host, self.flow_api.port),
-            )
+                # A view of the records, not their path: the aggregator goes on without it.
+                problem = cannot_listen(f"apiBindAddress {address.host_port!r}", address.host, exc)
+                log.error("%s; running without the flow API and UI", problem)
+                self.flow_api = self.window = None
+            else:
+                log.info(
+                    "flow API and UI on http://%s/", _url_host(address.host, self.flow_api.port)
+                )
         self.listening = True
         for sink in self.sinks:
             sink.start()

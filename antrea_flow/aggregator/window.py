@@ -9,18 +9,21 @@ readers can never slow the aggregator down.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, cast
+
+import orjson
 
 from ..ipfix.antrea import FlowRecord
 from ..ipfix.render import json_value
 
+KEPT_RUNS = 32  # runs of NDJSON kept for readers in step (of up to a read's limit each)
+
 
 class Entry:
-    """One exported record and its number. `encoded` is its JSON line, made by the first API
-    thread that needs it (any thread may; they all make the same bytes)."""
+    """One exported record and its number. `encoded` is its line of the API's NDJSON, made
+    by the first API thread that needs it (any thread may; they all make the same bytes)."""
 
     __slots__ = ("seq", "record", "encoded")
 
@@ -29,7 +32,7 @@ class Entry:
         self.record = record
         self.encoded: bytes | None = None
 
-    def json(self) -> bytes:
+    def line(self) -> bytes:
         encoded = self.encoded
         if encoded is None:
             encoded = self.encoded = encode(self.record)
@@ -37,8 +40,8 @@ class Entry:
 
 
 def encode(record: Mapping[str, Any]) -> bytes:
-    """A record as the API sends it: compact JSON, keyed by IE names."""
-    return json.dumps(record, default=json_value, separators=(",", ":")).encode()
+    """A record as the API sends it: {"flow": compact JSON keyed by IE names}, a newline."""
+    return b'{"flow":%s}\n' % orjson.dumps(record, default=json_value)
 
 
 class FlowWindow:
@@ -52,6 +55,10 @@ class FlowWindow:
         self._ring: list[Entry | None] = [None] * capacity
         self.next_seq = 0  # the number the next record gets
         self._changed = threading.Condition()
+        # The NDJSON of runs of entries, shared by the readers that send the same run: the
+        # API's threads all write it, each change under `_runs_lock`.
+        self._runs: dict[tuple[int, int], bytes] = {}
+        self._runs_lock = threading.Lock()
 
     def append(self, record: FlowRecord) -> None:
         seq = self.next_seq
@@ -71,19 +78,38 @@ class FlowWindow:
         return max(0, self.next_seq - self.capacity)
 
     def read(self, cursor: int, limit: int = 4096) -> tuple[list[Entry], int, int]:
-        """Up to `limit` entries from number `cursor` on: (entries, the next cursor, how many
-        wanted records the ring no longer holds)."""
+        """Up to `limit` entries from number `cursor` on, ending at a multiple of `limit` so
+        that readers in step read the same runs: (entries, the next cursor, how many wanted
+        records the ring no longer holds)."""
         head = self.next_seq
         start = max(cursor, head - self.capacity)
-        end = min(head, start + limit)
+        end = min(head, (start // limit + 1) * limit)
+        if start >= end:
+            return [], start, start - cursor
         ring, capacity = self._ring, self.capacity
-        entries: list[Entry] = []
-        for seq in range(start, end):
-            entry = ring[seq % capacity]
-            if entry is None or entry.seq != seq:  # overwritten while we read: the next
-                return entries, seq, start - cursor  # read counts what was lost
-            entries.append(entry)
-        return entries, end, start - cursor
+        first, last = start % capacity, (end - 1) % capacity
+        # One slice, or two when the run wraps around the ring's end.
+        entries = ring[first : last + 1] if first <= last else ring[first:] + ring[: last + 1]
+        # Slots are overwritten oldest first: while the first is still ours, all are. If it
+        # is not, the loop wrote meanwhile: the next read starts again and counts the loss.
+        if entries[0] is None or entries[0].seq != start:
+            return [], cursor, 0
+        return cast(list[Entry], entries), end, start - cursor
+
+    def lines(self, entries: list[Entry]) -> bytes:
+        """The NDJSON of consecutive `entries`, made once for every reader of that run."""
+        if not entries:
+            return b""
+        key = (entries[0].seq, entries[-1].seq)
+        with self._runs_lock:
+            run = self._runs.get(key)
+        if run is None:
+            run = b"".join([entry.line() for entry in entries])
+            with self._runs_lock:
+                self._runs[key] = run
+                if len(self._runs) > KEPT_RUNS:
+                    del self._runs[next(iter(self._runs))]  # the oldest
+        return run
 
     def newest(self) -> Iterator[Entry]:
         """Entries from the newest back to the oldest the ring still holds."""

@@ -40,8 +40,10 @@ import cProfile
 import gc
 import io
 import json
+import os
 import pstats
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -71,11 +73,17 @@ EXPORT_TIME = 1_700_000_000
 # Long enough that no flow leaves or times out during a run: only first exports happen.
 LONG_TIMEOUT = 3600.0
 EXPORTER_ADDRESS = "127.0.0.1"
-MODES = ("collector", "intake", "aggregator")
+FOLLOWERS = 50  # follow streams of the flow API in the "api" variant
+# Its window holds the backlog and every export: a stream of everything is never cut off
+# (with the default 10,000, one 75,000-record export pass cuts unfiltered streams off).
+API_WINDOW = 1 << 18
+MODES = ("collector", "intake", "aggregator", "api")
 MODE_TITLES = {
     "collector": "collector only (handler counts; TLS, framing, decode)",
     "intake": "collector + store (Aggregator intake, correlation; run loop not started)",
     "aggregator": "whole aggregator (Aggregator.run: intake + expiry loop, no sink)",
+    "api": f"whole aggregator while the flow API streams to {FOLLOWERS} follow clients (in a "
+    "third process) a backlog of exported records, then every export",
 }
 
 
@@ -233,7 +241,9 @@ def fmt_gc(g: dict[str, Any]) -> str:
     return f"{g['seconds']:.2f} s in gc ({g['count'][2]} full collections: {gen2:.2f} s)"
 
 
-def aggregator_config(cert_dir: str, json_log: str = "", tls: bool = True) -> AggregatorConfig:
+def aggregator_config(
+    cert_dir: str, json_log: str = "", tls: bool = True, api: bool = False
+) -> AggregatorConfig:
     return AggregatorConfig(
         listen=TransportAddress("127.0.0.1", 0, "tls" if tls else "tcp"),
         aggregator_address=AGGREGATOR_SERVICE_NAME,
@@ -246,6 +256,8 @@ def aggregator_config(cert_dir: str, json_log: str = "", tls: bool = True) -> Ag
         metrics_address=None,
         observation_domain_id=0,
         template_refresh=600.0,
+        api_address=TransportAddress("127.0.0.1", 0, "tcp") if api else None,
+        api_window=API_WINDOW,
     )
 
 
@@ -273,6 +285,48 @@ async def _run_exporters_child(args: argparse.Namespace) -> None:
     await benchkit.run_exporters_child(exporters, send, count_dropped=True)
 
 
+async def _run_followers_child(args: argparse.Namespace) -> None:
+    """--role followers: FOLLOWERS follow streams of the flow API at --port; 'ready' once all
+    are open, then read everything until the aggregator ends them, and report."""
+    request = b"GET /api/v1/flows?follow=true HTTP/1.1\r\nHost: bench\r\n\r\n"
+    streams = []
+    for _ in range(FOLLOWERS):
+        reader, writer = await asyncio.open_connection("127.0.0.1", args.port, limit=1 << 20)
+        writer.write(request)
+        await reader.readuntil(b"\r\n\r\n")  # status and headers
+        streams.append((reader, writer))
+    print(json.dumps({"ready": True}), flush=True)
+    cpu0 = benchkit.cpu_seconds()
+
+    async def read(reader: asyncio.StreamReader) -> tuple[int, int]:
+        flows = cut_off = 0
+        tail = b""  # shorter than either mark: what a chunk's end cut off is counted next
+        while chunk := await reader.read(1 << 20):
+            data = tail + chunk
+            flows += data.count(b'{"flow":')
+            cut_off += data.count(b'"lost":')
+            tail = data[-6:]
+        return flows, cut_off
+
+    counts = await asyncio.gather(*(read(reader) for reader, _ in streams))
+    for _, writer in streams:
+        writer.close()
+    print(json.dumps({"flows": [f for f, _ in counts], "cut_off": sum(c for _, c in counts),
+                      "cpu_s": benchkit.cpu_seconds() - cpu0}), flush=True)  # fmt: skip
+
+
+def aggregated_record() -> dict[str, Any]:
+    """A record with every element of the aggregator's IPv4 export."""
+    template = antrea.aggregator_templates()[0]
+    record = dict(zip(template.keys, template.values_from({}), strict=True))
+    record.update(sourceIPv4Address="10.10.1.5", destinationIPv4Address="10.10.2.6",
+                  sourcePodName="client-7d9f8", sourcePodNamespace="frontend",
+                  destinationPodName="web-5d4f8c7b9-x2k4q", destinationPodNamespace="backend",
+                  sourceNodeName="node-1", destinationNodeName="node-2",
+                  octetTotalCount=123456, flowType=2)  # fmt: skip
+    return record
+
+
 def _profile_text(profile: cProfile.Profile, limit: int = 30) -> str:
     out = io.StringIO()
     stats = pstats.Stats(profile, stream=out)
@@ -288,7 +342,7 @@ async def _run_aggregator(args: argparse.Namespace) -> dict[str, Any]:
     total = args.exporters * args.per_exporter
     correlated_expected, flows_expected = expected_counts(args.exporters, args.per_exporter)
     result: dict[str, Any] = {"mode": args.mode, "records": total, "profiled": args.profile}
-    aggregator = Aggregator(aggregator_config(args.cert_dir))
+    aggregator = Aggregator(aggregator_config(args.cert_dir, api=args.mode == "api"))
     store = aggregator.store
     collector = aggregator.collector
     state: dict[str, Any] = {"records": 0}
@@ -334,9 +388,9 @@ async def _run_aggregator(args: argparse.Namespace) -> dict[str, Any]:
     aggregator.export_due = timed_export_due  # type: ignore[method-assign]
     stop = asyncio.Event()
     run_task = None
-    child = None
+    child = followers = None
     try:
-        if args.mode == "aggregator":
+        if args.mode in ("aggregator", "api"):
             run_task = asyncio.create_task(aggregator.run(stop))
             deadline = time.perf_counter() + 30
             while collector.port is None:
@@ -347,6 +401,13 @@ async def _run_aggregator(args: argparse.Namespace) -> dict[str, Any]:
         else:
             await collector.start()
         assert collector.port is not None
+        if aggregator.flow_api is not None:
+            followers = await asyncio.create_subprocess_exec(
+                sys.executable, os.path.abspath(__file__), "--role=followers",
+                f"--port={aggregator.flow_api.port}", stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            assert followers.stdout is not None
+            await asyncio.wait_for(followers.stdout.readline(), 60)  # all streams open
         child, result["connect_s"] = await benchkit.start_exporters_child(
             __file__,
             collector.port,
@@ -358,9 +419,17 @@ async def _run_aggregator(args: argparse.Namespace) -> dict[str, Any]:
         )
         await benchkit.wait_for_sessions(collector, args.exporters)
 
+        if aggregator.window is not None:
+            # Streams busy writing when the intake starts: a backlog of exported records
+            # as large as the run's exports, published just before the 'go'.
+            backlog = aggregated_record()
+            for _ in range(flows_expected):
+                aggregator.window.append(dict(backlog))
         gc.collect()
         rss_before = benchkit.peak_rss_mb()
         cpu0, t0 = benchkit.cpu_seconds(), time.perf_counter()
+        if aggregator.window is not None:
+            aggregator.window.published()
         gc.callbacks.append(gc_timer)
         if profile is not None:
             profile.enable()
@@ -379,7 +448,7 @@ async def _run_aggregator(args: argparse.Namespace) -> dict[str, Any]:
         result.update(elapsed_s=elapsed, cpu_s=state["cpu_end"] - cpu0, rate=rate(total, elapsed))
         result.update(rss_before_mb=rss_before, rss_intake_mb=state["rss_intake_mb"])
         result["gc"] = state["gc"]
-        if args.mode == "aggregator":
+        if args.mode in ("aggregator", "api"):
             # The loop's next pass exports every ready flow: intake through export.
             deadline = time.perf_counter() + INTAKE_TIMEOUT
             while store.stats.exported < flows_expected and time.perf_counter() < deadline:
@@ -424,6 +493,18 @@ async def _run_aggregator(args: argparse.Namespace) -> dict[str, Any]:
             result["error"] = "; ".join(problems)
         if profile is not None:
             result["profile"] = _profile_text(profile)
+        if aggregator.flow_api is not None:
+            # Until every stream has had every export (the window holds them all).
+            deadline = time.perf_counter() + INTAKE_TIMEOUT
+            api = aggregator.flow_api
+            while time.perf_counter() < deadline:
+                counts = api.stats.snapshot()
+                streamed = (store.stats.exported + flows_expected) * FOLLOWERS  # and the backlog
+                if counts.streamed >= streamed or not counts.streams:
+                    break
+                await asyncio.sleep(0.01)
+            result["all_streamed_s"] = time.perf_counter() - t0
+            result["streamed"] = api.stats.snapshot().streamed
         return result
     finally:
         await benchkit.stop_child(child)
@@ -433,6 +514,11 @@ async def _run_aggregator(args: argparse.Namespace) -> dict[str, Any]:
         else:
             await collector.stop()
         result["rss_mb"] = benchkit.peak_rss_mb()
+        if followers is not None:
+            assert followers.stdout is not None
+            line = await asyncio.wait_for(followers.stdout.readline(), 120)
+            result["followers"] = json.loads(line) if line else {"error": "no report"}
+            await benchkit.stop_child(followers)
 
 
 def intake_in_subprocess(
@@ -547,7 +633,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also run the whole aggregator under cProfile and print where its time goes",
     )
     # Internal: the script runs itself as the aggregator process and the exporters' process.
-    parser.add_argument("--role", choices=("main", "aggregator", "exporters"), default="main")
+    parser.add_argument(
+        "--role", choices=("main", "aggregator", "exporters", "followers"), default="main"
+    )
     parser.add_argument("--mode", choices=MODES, default="aggregator")
     parser.add_argument("--cert-dir", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -558,6 +646,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 2 <= args.per_exporter <= 32767:
         parser.error("--per-exporter must be in 2..32767 (one source port per flow)")
     return args
+
+
+def print_followers(r: dict[str, Any], alone: dict[str, Any]) -> None:
+    followers = r["followers"]
+    if "error" in followers:
+        print(f"     follow streams: FAILED: {followers['error']}")
+        return
+    got = followers["flows"]
+    print(
+        f"     {len(got)} follow streams received {min(got):,} to {max(got):,} records each "
+        f"(of {r['exported'] * 2:,}: the backlog and the exports), all {r['streamed']:,} written "
+        f"{r['all_streamed_s']:.2f} s after 'go'; {followers['cut_off']} cut off; the "
+        f"clients' process used {followers['cpu_s']:.2f} s of CPU"
+    )
+    if "rate" in alone and "error" not in alone:
+        print(
+            f"     intake with the streams: {r['rate'] / alone['rate']:.0%} of the rate without "
+            f"them (goal: at least 90%); aggregator CPU {r['cpu_s'] / alone['cpu_s']:.0%} of it"
+        )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -626,10 +733,12 @@ def main(args: argparse.Namespace) -> int:
                 f"(expected {correlated_expected:,}), {s['flows']:,} flows, "
                 f"{s['waiting']:,} waiting"
             )
-            if mode == "aggregator":
+            if mode in ("aggregator", "api"):
                 line += f", {s['exported_during_intake']:,} exported by the loop meanwhile"
             print(line)
-        if mode == "aggregator" and "all_exported_s" in r:
+        if mode == "api" and "followers" in r:
+            print_followers(r, intake["aggregator"])
+        if mode in ("aggregator", "api") and "all_exported_s" in r:
             passes = r["export_passes"]
             count = sum(n for n, _ in passes)
             seconds = sum(t for _, t in passes)
@@ -700,6 +809,12 @@ def main(args: argparse.Namespace) -> int:
             None if "cpu_s" not in head or "error" in head else round(rate(total, head["cpu_s"]))
         ),
         "intake_without_loop_records_per_s": maybe_round(ok("intake", "rate")),
+        "intake_with_follow_streams_records_per_s": maybe_round(ok("api", "rate")),
+        "follow_streams_all_written_s": (
+            None
+            if "all_streamed_s" not in intake["api"]
+            else round(intake["api"]["all_streamed_s"], 2)
+        ),
         "collector_only_records_per_s": maybe_round(ok("collector", "rate")),
         "aggregator_cpu_s": None if "cpu_s" not in head else round(head["cpu_s"], 2),
         "json_sink_records_per_s": round(sink["rate"]),
@@ -712,4 +827,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    benchkit.dispatch(parse_args(), main, _run_exporters_child, "aggregator", _run_aggregator)
+    arguments = parse_args()
+    if arguments.role == "followers":
+        asyncio.run(_run_followers_child(arguments))
+    else:
+        benchkit.dispatch(arguments, main, _run_exporters_child, "aggregator", _run_aggregator)

@@ -8,9 +8,11 @@ import contextlib
 import ipaddress
 import socket
 import ssl
+import textwrap
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from antrea_flow.ipfix import antrea
@@ -296,3 +298,23 @@ def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
     with socket.socket(family, kind) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def api_aggregator_conf(directory: Path, api_port: int, extra: str = "") -> Path:
+    """flow-aggregator.conf of an aggregator on loopback (plain TCP, nothing else listening
+    but its flow API on `api_port`), with `extra` YAML lines."""
+    conf = directory / "flow-aggregator.conf"
+    conf.write_text(
+        textwrap.dedent(
+            f"""\
+            aggregatorTransportProtocol: tcp
+            listenAddress: "127.0.0.1:0"
+            metricsBindAddress: ""
+            certDir: {directory / "certs"}
+            stateDir: ""
+            apiBindAddress: "127.0.0.1:{api_port}"
+            """
+        )
+        + textwrap.dedent(extra)
+    )
+    return conf

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import textwrap
 import time
 import urllib.request
 
@@ -16,7 +15,7 @@ from antrea_flow.ipfix.antrea import exporter_templates
 from antrea_flow.ipfix.collecting import Peer
 from antrea_flow.ipfix.messages import DataSet, Message
 
-from .ipfixkit import eventually, free_port
+from .ipfixkit import api_aggregator_conf, eventually, free_port
 
 NOW = int(time.time())
 
@@ -45,22 +44,12 @@ def get(port: int, query: str) -> tuple[str, list[dict]]:
 
 def test_the_api_answers_from_clickhouse_what_its_window_no_longer_holds(tmp_path):
     api_port = free_port()
-    conf = tmp_path / "flow-aggregator.conf"
-    conf.write_text(
-        textwrap.dedent(
-            f"""\
-            aggregatorTransportProtocol: tcp
-            listenAddress: "127.0.0.1:0"
-            metricsBindAddress: ""
-            certDir: {tmp_path / "certs"}
-            stateDir: ""
-            apiBindAddress: "127.0.0.1:{api_port}"
-            apiWindowRecords: 3
-            clickHouse: {{enable: true, databaseURL: "{(tmp_path / "ch").as_uri()}",
-                          commitInterval: 100ms}}
-            """
-        )
-    )
+    database = (tmp_path / "ch").as_uri()
+    extra = f"""\
+        apiWindowRecords: 3
+        clickHouse: {{enable: true, databaseURL: "{database}", commitInterval: 100ms}}
+        """
+    conf = api_aggregator_conf(tmp_path, api_port, extra)
     aggregator = Aggregator(load_aggregator_config(conf))
     peer = Peer("192.168.77.101", 50001, "tcp", 1)
     template = exporter_templates()[0]

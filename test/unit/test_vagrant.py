@@ -772,7 +772,9 @@ def ignore_cluster_files(directory: str, names: list[str]) -> list[str]:
 # Every stand-in logs its name and arguments, one shell-quoted line per call.
 # One write per call: the script runs copies in parallel, and lines written in parts by
 # several of them at once would interleave.
-RECORD = 'line="$(printf %q "$(basename "$0")"; printf " %q" "$@")"; printf "%s\\n" "$line" >> "$LOG"\n'
+RECORD = (
+    'line="$(printf %q "$(basename "$0")"; printf " %q" "$@")"; printf "%s\\n" "$line" >> "$LOG"\n'
+)
 # ssh -F CONFIG HOST -- COMMAND: the command is run by a local shell, as the Node's would.
 FAKE_SSH = RECORD + '[ "$1" = -F ] && shift 2\nshift\n[ "$1" = -- ] && shift\nexec bash -c "$1"\n'
 FAKE_SUDO = RECORD + 'exec "$@"\n'
