@@ -420,7 +420,7 @@ class Quickstart:
             server = "" if self.api_port == API_PORT else f" --server {self.api_url}"
             print(
                 f"flows in a browser: {self.api_url}/ (while this runs); in another terminal: "
-                f"antrea-flow observe{server} --verdict DROPPED\n",
+                f"{_command()} observe{server} --verdict DROPPED\n",
                 flush=True,
             )
             self.table = Table()
@@ -524,6 +524,16 @@ class Quickstart:
 
 
 API_PORT = 10349  # apiBindAddress's default port
+
+
+def _command() -> str:
+    """How the user runs `antrea-flow` from here: the virtualenv's script, which a new
+    terminal does not have on its PATH."""
+    script = Path(sys.executable).with_name("antrea-flow")
+    if not script.exists():
+        return "antrea-flow"
+    relative = os.path.relpath(script)
+    return relative if not relative.startswith("..") else str(script)
 
 
 def _ready(port: int) -> bool:

@@ -28,6 +28,7 @@ import hmac
 import json
 import logging
 import mimetypes
+import select
 import socket
 import threading
 import time
@@ -388,8 +389,21 @@ class _Handler(BaseHTTPRequestHandler):
                 continue
             if time.monotonic() - quiet_since >= KEEPALIVE:
                 pending = [b": keep-alive\n\n" if sse else b"\n"]
+            elif self._client_gone():
+                return
             else:
                 window.wait(cursor, 1.0)
+
+    def _client_gone(self) -> bool:
+        """The client closed its side (a follow client sends nothing after its request): its
+        stream ends now, not at the next write."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        if not readable:
+            return False
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def _graph(self, params: dict[str, list[str]]) -> None:
         flow_filter = self._filter(params, _GRAPH, GRAPH_SINCE)
@@ -403,6 +417,8 @@ class _Handler(BaseHTTPRequestHandler):
         assert flow_filter.since is not None
         since = flow_filter.since
         until = flow_filter.until if flow_filter.until is not None else self.api.clock()
+        if until <= since:
+            raise BadParameter("until", _one(params, "until", ""), "a time after `since`")
         step_text = _one(params, "step", "")
         try:
             step = parse_duration(step_text) if step_text else max(1.0, (until - since) / 60)

@@ -374,6 +374,10 @@ def test_throughput_per_node_and_step(serve):
     assert tx["node-2"][2] == 2 * 10 * 8 / 30
     assert error(api, "/api/v1/throughput?step=0.5s").startswith("step: '0.5s' is not valid")
     assert "at most 10000 steps" in error(api, "/api/v1/throughput?since=10000h&step=1s")
+    assert (
+        error(api, "/api/v1/throughput?until=1h")
+        == "until: '1h' is not valid; expected a time after `since`"
+    )
 
 
 def test_status(serve):
@@ -730,3 +734,15 @@ def test_an_api_address_in_use_leaves_the_aggregator_running(tmp_path, caplog):
         f"apiBindAddress '127.0.0.1:{port}': cannot listen: Address already in use; running "
         "without the flow API and UI"
     ) in caplog.text
+
+
+def test_a_follow_client_that_goes_is_let_go_without_a_record_or_keep_alive(serve, streams):
+    api = serve()
+    stream = streams(api, "/api/v1/flows?follow=true")
+    stream.head()
+    until(lambda: open_streams(api) == 1, "the stream open")
+    stream.close()
+    deadline = time.monotonic() + api_module.KEEPALIVE / 3  # well before a keep-alive
+    while open_streams(api) != 0:
+        assert time.monotonic() < deadline, "the stream outlived its client"
+        time.sleep(0.01)
