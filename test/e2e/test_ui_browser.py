@@ -259,3 +259,49 @@ def test_new_flows_appear_live_and_pause_holds_them_back(api, browser):
     api.window.published()
     browser.find_element(By.ID, "pause").click()  # resume: the latest flows again
     wait_for(browser, lambda d: ":45001" in top(d), "resuming shows it", "resume")
+
+
+def click_at(driver, x: float, y: float) -> None:
+    """A real click at the chart canvas's pixel (x, y)."""
+    canvas = driver.find_element(By.CSS_SELECTOR, "#chart canvas")
+    size = canvas.size
+    webdriver.ActionChains(driver).move_to_element_with_offset(
+        canvas, int(x - size["width"] / 2), int(y - size["height"] / 2)
+    ).click().perform()
+
+
+def test_clicking_an_edge_filters_the_table_by_its_two_ends(api, browser):
+    open_ui(browser, api)
+    # The middle of the drawn curve from frontend/client to backend/db.
+    x, y = browser.execute_script(
+        "const chart = echarts.getInstanceByDom(document.getElementById('chart'));"
+        "const edges = chart.getModel().getSeriesByIndex(0).getEdgeData();"
+        "for (let i = 0; i < edges.count(); i++) {"
+        "  const e = edges.getRawDataItem(i);"
+        "  if (e.source !== 'frontend/client' || e.target !== 'backend/db') continue;"
+        "  const line = edges.getItemGraphicEl(i).childOfName('line');"
+        "  const s = line.shape;"
+        "  return line.transformCoordToGlobal(0.25 * s.x1 + 0.5 * s.cpx1 + 0.25 * s.x2,"
+        "                            0.25 * s.y1 + 0.5 * s.cpy1 + 0.25 * s.y2);"
+        "}"
+    )
+    click_at(browser, x, y)
+    more = browser.find_element(By.NAME, "more")
+    ends = "from-pod=frontend/client to-pod=backend/db"
+    wait_for(browser, lambda d: more.get_attribute("value") == ends, "the ends as filters", "edge")
+    wait_for(browser, lambda d: len(rows(d)) == 1, "only the rejected flow is left", "edge-rows")
+    assert "REJECTED" in rows(browser)[0][0]
+
+
+def test_the_map_of_namespaces(api, browser):
+    open_ui(browser, api)
+    Select(browser.find_element(By.NAME, "map-by")).select_by_value("namespace")
+    wait_for(
+        browser,
+        lambda d: (
+            set(chart_option(d)["series"][0]["nodes"]) == {"frontend", "backend", "192.168.77.254"}
+        ),
+        "namespaces as the map's nodes",
+        "map-namespaces",
+    )
+    shoot(browser, "map-namespaces")

@@ -182,6 +182,7 @@ function mapLayout(nodes) {
 function drawMap(graph) {
   const {order: namespaces, places} = mapLayout(graph.nodes);
   const most = Math.max(1, ...graph.edges.map((e) => e.bytes));
+  const kinds = Object.fromEntries(graph.nodes.map((n) => [n.id, n.kind]));
   draw({
     tooltip: {formatter: (p) => p.dataType === "edge" ? edgeTooltip(p.data.edge) : `${p.data.name}<br>${humanBytes(p.data.bytes)}`},
     legend: [{data: namespaces, top: 4}],
@@ -200,7 +201,7 @@ function drawMap(graph) {
         symbolSize: 12 + 18 * Math.log1p(node.bytes) / Math.log1p(most),
       })),
       edges: graph.edges.map((edge) => ({
-        source: edge.source, target: edge.target, edge,
+        source: edge.source, target: edge.target, edge, kinds,
         lineStyle: {color: edgeColor(edge), width: width(edge.bytes, most), curveness: 0.15},
       })),
     }],
@@ -253,8 +254,10 @@ function betweenPods(graph) {
   return {...graph, edges: graph.edges.filter((e) => e.source.includes("/") && e.target.includes("/"))};
 }
 
+const mapBy = document.querySelector("select[name=map-by]");
+
 const VIEWS = {
-  map: ["/api/v1/graph", "workload", drawMap],
+  map: ["/api/v1/graph", () => mapBy.value, drawMap],
   "sankey-pod": ["/api/v1/graph", "pod", (g) => drawSankey(betweenPods(g), (e) => e.bytes)],
   "sankey-service": ["/api/v1/graph", "service", (g) => drawSankey(g, (e) => e.bytes)],
   "sankey-policy": ["/api/v1/graph", "policy", (g) => drawSankey(g, (e) => e.connections)],
@@ -264,7 +267,8 @@ const VIEWS = {
 async function refreshChart() {
   const [path, by, render] = VIEWS[view];
   const params = filterParams(true);
-  if (by) params.set("by", by);
+  if (by) params.set("by", typeof by === "function" ? by() : by);
+  document.getElementById("map-by").hidden = view !== "map";
   try {
     const data = await get(path, params);
     render(data);
@@ -301,13 +305,20 @@ async function apply() {
   refreshChart();
 }
 
+// What clicking a map node filters on, by its kind.
+const NODE_FILTERS = {external: "ip", namespace: "namespace", node: "node", pod: "pod", workload: "pod"};
+
 chart.on("click", (p) => {
-  if (p.dataType === "node" && p.data.kind) {
-    setFilter(p.data.kind === "external" ? "ip" : "pod", p.data.id);
+  if (p.dataType === "node" && NODE_FILTERS[p.data.kind]) {
+    setFilter(NODE_FILTERS[p.data.kind], p.data.id);
   } else if (p.dataType === "edge" && p.data.edge && view === "map") {
-    const edge = p.data.edge;
-    const end = (id, side) => id.includes("/") ? `${side}-pod=${id}` : `${side}-ip=${id}`;
-    form.elements.more.value = `${end(edge.source, "from")} ${end(edge.target, "to")}`;
+    // Each end by its own side's filter (Nodes have none: either end's Node, the source's).
+    const {edge, kinds} = p.data;
+    const end = (id, side) => {
+      const filter = NODE_FILTERS[kinds[id]];
+      return filter === "node" ? (side === "from" ? `node=${id}` : "") : `${side}-${filter}=${id}`;
+    };
+    form.elements.more.value = `${end(edge.source, "from")} ${end(edge.target, "to")}`.trim();
   } else {
     return;
   }
@@ -330,6 +341,7 @@ for (const button of document.querySelectorAll("#tabs button")) {
     refreshChart();
   });
 }
+mapBy.addEventListener("change", refreshChart);
 window.addEventListener("resize", () => chart.resize());
 setInterval(refreshChart, REFRESH_MS);
 apply();
