@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, get_args
@@ -259,6 +259,9 @@ class AggregationStats:
     correlated: int = 0
     correlation_timeouts: int = 0
     new_connections: int = 0  # flows replaced by a new connection on their 5-tuple
+    # Flows let go to stay within max_flows, by outcome: "exported" early (they held
+    # records not exported yet, waiting ones exported incomplete), "idle" (nothing to lose).
+    evicted: Counter[str] = field(default_factory=Counter)
     exported: int = 0
     removed: int = 0
     clamped: Counter[str] = field(default_factory=Counter)  # exported values, by element
@@ -299,15 +302,32 @@ def _new_connection(flow: Flow, record: FlowRecord, sides: tuple[str, ...]) -> b
     return _ended(flow) and start > flow.record.get("flowEndSeconds", 0)
 
 
-class AggregationStore:
-    """Flows being aggregated; all timing from the `now` the caller passes."""
+DEFAULT_MAX_FLOWS = 1_000_000
 
-    def __init__(self, export_interval: float, inactive_timeout: float, correlation_timeout: float):
+
+class AggregationStore:
+    """Flows being aggregated; all timing from the `now` the caller passes.
+
+    At most `max_flows` are held: a new flow beyond it lets the oldest one go (the first
+    created of those held), exporting at once what it had not exported yet, so the bound
+    costs an early export, never a record."""
+
+    def __init__(
+        self,
+        export_interval: float,
+        inactive_timeout: float,
+        correlation_timeout: float,
+        max_flows: int = DEFAULT_MAX_FLOWS,
+    ):
         self.export_interval = export_interval
         self.inactive_timeout = inactive_timeout
         self.correlation_timeout = correlation_timeout
+        self.max_flows = max_flows
         self.stats = AggregationStats()
         self._flows: dict[tuple, Flow] = {}
+        # Flows in the order they were created, the oldest first; some may be gone already
+        # (skipped when met, and the deque rebuilt when they outnumber the flows held).
+        self._age: deque[Flow] = deque()
         self._heap: list[tuple[float, int, Flow]] = []
         self._sequence = itertools.count()
         self._waiting = 0
@@ -407,6 +427,8 @@ class AggregationStore:
     ) -> Flow:
         stats = _SideStats(record)
         needs_peer = _needs_peer(record, sides)
+        if len(self._flows) >= self.max_flows:
+            self._evict_oldest(now)
         flow = Flow(
             key,
             record.copy(),
@@ -423,6 +445,10 @@ class AggregationStore:
             exported_totals=stats.reported_before(),
         )
         self._flows[key] = flow
+        age = self._age
+        age.append(flow)
+        if len(age) > 2 * len(self._flows) + 1024:
+            self._age = deque(self._flows.values())  # a dict keeps its creation order
         if needs_peer:
             self._waiting += 1
         stats.set_common(flow.record)
@@ -445,9 +471,33 @@ class AggregationStore:
         if not flow.ready:
             self._set_ready(flow, incomplete=True)
         if flow.updated:
-            self._retired.append(self._export(flow, now))
-            if self._retired_at is None:
-                self._retired_at = now
+            self._export_soon(flow, now)
+
+    def _export_soon(self, flow: Flow, now: float) -> None:
+        """The flow's last record, for the next `expire` (the flow is no longer held)."""
+        self._retired.append(self._export(flow, now))
+        if self._retired_at is None:
+            self._retired_at = now
+
+    def _evict_oldest(self, now: float) -> None:
+        """Let the oldest flow held go; what it had not exported goes out with the next
+        `expire`, as a retired flow's does."""
+        flows, age = self._flows, self._age
+        while age:
+            flow = age.popleft()
+            if flows.get(flow.key) is flow:
+                break
+        else:
+            return
+        del flows[flow.key]
+        if not flow.ready:  # out without its peer; not a correlation timeout
+            flow.ready = flow.incomplete = True
+            self._waiting -= 1
+        if flow.updated:
+            self.stats.evicted["exported"] += 1
+            self._export_soon(flow, now)
+        else:
+            self.stats.evicted["idle"] += 1
 
     def _aggregate(self, flow: Flow, record: FlowRecord, sides: tuple[str, ...]) -> bool:
         """Merge a later record of the flow; False when it was ignored (a repeat or stale)."""

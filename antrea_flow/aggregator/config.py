@@ -16,6 +16,7 @@ from ..ipfix.address import AddressError, TransportAddress, is_ip, parse_address
 from ..ipfix.collecting import CollectorLimits
 from ..ipfix.messages import TemplateLimits
 from ..k8s.watch import DEFAULT_SYNC_TIMEOUT
+from .aggregation import DEFAULT_MAX_FLOWS
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class AggregatorConfig:
     api_address: TransportAddress | None = None  # the flow API and UI; None: off
     api_token: str = ""  # the bearer token the API asks for; "": none
     api_window: int = DEFAULT_API_WINDOW  # exported records the API keeps
+    max_flows: int = DEFAULT_MAX_FLOWS  # flows held; beyond, the oldest is exported early
 
     @property
     def tls(self) -> bool:
@@ -314,6 +316,7 @@ def load_aggregator_config(path: str | os.PathLike) -> AggregatorConfig:
     api_address = reader.bind_address("apiBindAddress", DEFAULT_API_ADDRESS)
     api_token = reader.string("apiToken", "", "a token clients send as Authorization: Bearer")
     api_window = reader.integer("apiWindowRecords", DEFAULT_API_WINDOW, 1, MAX_API_WINDOW)
+    max_flows = reader.integer("maxFlows", DEFAULT_MAX_FLOWS, 1000, 100_000_000)
     limits = _collector_limits(reader.section("collectorLimits"))
     clickhouse = _clickhouse(reader, state_dir or cert_dir)
     for key in reader.ignore(_UNSUPPORTED):
@@ -342,4 +345,5 @@ def load_aggregator_config(path: str | os.PathLike) -> AggregatorConfig:
         api_address=api_address,
         api_token=api_token,
         api_window=api_window,
+        max_flows=max_flows,
     )

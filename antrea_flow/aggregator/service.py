@@ -102,7 +102,10 @@ class Aggregator:
         self.config = config
         self.clock = clock
         self.store = AggregationStore(
-            config.export_interval, config.inactive_timeout, config.correlation_timeout
+            config.export_interval,
+            config.inactive_timeout,
+            config.correlation_timeout,
+            config.max_flows,
         )
         self.sinks: list[IPFIXSink | JSONLinesSink | ClickHouseSink] = []
         self.clickhouse: ClickHouseSink | None = None
@@ -484,6 +487,14 @@ class Aggregator:
             "Flows replaced by a new connection on their 5-tuple (after their end, or from a "
             "Node reporting another start time).",
             stats.new_connections,
+        )
+        yield labelled_counter(
+            "antrea_flow_aggregator_flows_evicted_total",
+            "Flows let go to stay within maxFlows: exported early (what they had not exported "
+            "yet; waiting ones incomplete) or idle (nothing to export).",
+            "outcome",
+            dict(stats.evicted),
+            always=("exported", "idle"),
         )
         yield labelled_counter(
             "antrea_flow_aggregator_values_clamped_total",

@@ -43,6 +43,7 @@ import json
 import os
 import pstats
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -331,6 +332,32 @@ def aggregated_record() -> dict[str, Any]:
     return record
 
 
+def _run_store_child(args: argparse.Namespace) -> None:
+    """--role store: a store filled to --flows flows (the benchmark's records again and again,
+    each round on other destination ports), its RSS and the time to fill it, as JSON."""
+    base = [record for record, _ in decoded_records(args.exporters, args.per_exporter)]
+    gc.collect()
+    rss0 = benchkit.peak_rss_mb()
+    store = AggregationStore(LONG_TIMEOUT, LONG_TIMEOUT, LONG_TIMEOUT, max_flows=args.flows)
+    now = time.time()
+    t0 = time.perf_counter()
+    added = 0
+    round_ = 0
+    while len(store) < args.flows:
+        for record in base:
+            copy = dict(record)
+            copy["destinationTransportPort"] = 1000 + round_
+            store.add(copy, ("127.0.0.1", 1), now)
+            added += 1
+            if len(store) >= args.flows:
+                break
+        round_ += 1
+    elapsed = time.perf_counter() - t0
+    print(json.dumps({"flows": len(store), "records": added, "seconds": elapsed,
+                      "rss_mb": benchkit.peak_rss_mb(), "rss_before_mb": rss0,
+                      "evicted": sum(store.stats.evicted.values())}), flush=True)  # fmt: skip
+
+
 def _profile_text(profile: cProfile.Profile, limit: int = 30) -> str:
     out = io.StringIO()
     stats = pstats.Stats(profile, stream=out)
@@ -528,6 +555,18 @@ async def _run_aggregator(args: argparse.Namespace) -> dict[str, Any]:
             await benchkit.stop_child(followers)
 
 
+def store_in_subprocess(args: argparse.Namespace) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--role=store", f"--flows={args.flows}",
+         f"--exporters={args.exporters}", f"--per-exporter={args.per_exporter}"],
+        stdout=subprocess.PIPE, text=True, check=False, timeout=1800,
+    )  # fmt: skip
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return {"error": f"store process exited {proc.returncode}"}
+    return json.loads(lines[-1])
+
+
 def intake_in_subprocess(
     mode: str, cert_dir: Path, exporters: int, per_exporter: int, profile: bool = False
 ) -> dict[str, Any]:
@@ -641,13 +680,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     # Internal: the script runs itself as the aggregator process and the exporters' process.
     parser.add_argument(
-        "--role", choices=("main", "aggregator", "exporters", "followers"), default="main"
+        "--role", choices=("main", "aggregator", "exporters", "followers", "store"), default="main"
     )
+    parser.add_argument("--flows", type=int, help="flows the store is filled to (1,000,000)")
     parser.add_argument("--mode", choices=MODES, default="aggregator")
     parser.add_argument("--cert-dir", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    benchkit.fill_sizes(args, exporters=(10, 100), per_exporter=(200, 1000), repeats=(1, 3))
+    benchkit.fill_sizes(args, exporters=(10, 100), per_exporter=(200, 1000), repeats=(1, 3),
+                        flows=(20_000, 1_000_000))  # fmt: skip
     if args.exporters < 2 or args.exporters % 2:
         parser.error("--exporters must be an even number >= 2 (exporters pair up as Nodes)")
     if not 2 <= args.per_exporter <= 32767:
@@ -790,8 +831,21 @@ def main(args: argparse.Namespace) -> int:
         )
     del records
 
+    held = store_in_subprocess(args)
+    if "error" in held:
+        failed = True
+        print(f"   5. a store of {args.flows:,} flows: FAILED: {held['error']}")
+    else:
+        grown = held["rss_mb"] - held["rss_before_mb"]
+        print(
+            f"   5. a store of {held['flows']:,} flows (maxFlows): filled in "
+            f"{held['seconds']:.1f} s from {held['records']:,} records; peak RSS "
+            f"{held['rss_mb']:.0f} MB, "
+            f"{grown:.0f} MB of it the flows ({grown * 1024 / held['flows']:.1f} KB a flow)"
+        )
+
     if profiled is not None:
-        print("\n5. where the whole aggregator's time goes (cProfile, a separate run)")
+        print("\n6. where the whole aggregator's time goes (cProfile, a separate run)")
         if "profile" in profiled:
             print(
                 f"   under the profiler: {fmt_rate(profiled.get('rate'))}, "
@@ -826,6 +880,8 @@ def main(args: argparse.Namespace) -> int:
         "aggregator_cpu_s": None if "cpu_s" not in head else round(head["cpu_s"], 2),
         "json_sink_records_per_s": round(sink["rate"]),
         "json_sink_dropped": drops,
+        "store_flows": held.get("flows"),
+        "store_rss_mb": maybe_round(held.get("rss_mb")),
     }
     failed = failed or any("error" in r for r in intake.values())
     print()
@@ -837,5 +893,7 @@ if __name__ == "__main__":
     arguments = parse_args()
     if arguments.role == "followers":
         asyncio.run(_run_followers_child(arguments))
+    elif arguments.role == "store":
+        _run_store_child(arguments)
     else:
         benchkit.dispatch(arguments, main, _run_exporters_child, "aggregator", _run_aggregator)

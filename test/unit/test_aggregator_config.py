@@ -50,6 +50,9 @@ def test_defaults_of_an_empty_file(load):
     assert config.observation_domain_id == 0
     assert config.template_refresh == 600.0
     assert config.inventory_file == ""
+    assert config.api_address == TransportAddress("127.0.0.1", 10349, "tcp")  # loopback only
+    assert (config.api_token, config.api_window) == ("", 10000)
+    assert config.max_flows == 1_000_000
 
 
 def test_the_seed_snippet_as_documented(load):
@@ -206,6 +209,10 @@ def test_listen_on_any_port_and_no_metrics(load):
         ("listenAddress", "'4739'"),
         ("metricsBindAddress", "'127.0.0.1'"),
         ("certDir", "[a, b]"),
+        ("apiBindAddress", "'10349'"),
+        ("apiWindowRecords", "0"),
+        ("maxFlows", "999"),
+        ("maxFlows", "lots"),
     ],
 )
 def test_bad_values_name_the_key_and_the_value(load, key, value):
@@ -569,3 +576,11 @@ def test_a_bad_database_url_names_the_key_and_the_accepted_forms(load, value, pr
 )
 def test_bad_clickhouse_keys_name_the_key(load, text, key):
     assert key in error_of(load, f"clickHouse:\n  enable: true\n  {text}\n")
+
+
+def test_the_flow_api_keys_and_the_bound_on_flows(load):
+    config = load("apiBindAddress: ''\nmaxFlows: 5000\n")
+    assert config.api_address is None and config.max_flows == 5000
+    config = load("apiBindAddress: '[::]:8080'\napiToken: s3cret\napiWindowRecords: 50\n")
+    assert config.api_address == TransportAddress("::", 8080, "tcp")
+    assert (config.api_token, config.api_window) == ("s3cret", 50)

@@ -528,3 +528,61 @@ def test_records_without_addresses_are_ignored_and_counted():
     assert len(store) == 0
     assert store.stats.ignored["no_addresses"] == 1
     assert store.stats.received == 1
+
+
+# -- the bound on flows held -------------------------------------------------------------
+
+
+def intra_node(port: int, end: int, total=(2, 200, 2, 200), delta=None) -> dict:
+    """An intra-node record (ready at once) of the connection from source port `port`."""
+    return source_half(end, total, delta, sourceTransportPort=port, flowType=1,
+                       destinationPodName="server", destinationPodNamespace="backend")  # fmt: skip
+
+
+def ports(records: list[dict]) -> list[int]:
+    return sorted(r["sourceTransportPort"] for r in records)
+
+
+def test_a_flow_beyond_max_flows_lets_the_oldest_go_and_exports_what_it_held():
+    store = AggregationStore(60.0, 90.0, 60.0, max_flows=3)
+    for port in (1, 2, 3):
+        store.add(intra_node(port, 1010), NODE1, 1010)
+    assert ports(store.expire(1010)) == [1, 2, 3]  # every flow exported once: idle now
+    store.add(intra_node(2, 1020, (4, 400, 4, 400), (2, 200, 2, 200)), NODE1, 1020)
+    store.add(intra_node(4, 1021), NODE1, 1021)  # the oldest, 1, had nothing to send
+    assert len(store) == 3 and store.stats.evicted == {"idle": 1}
+    store.add(intra_node(5, 1022), NODE1, 1022)  # then 2, which had new records
+    assert len(store) == 3 and store.stats.evicted == {"idle": 1, "exported": 1}
+    early = store.expire(1022)
+    assert ports(early) == [2, 4, 5]  # 2 at once, early; 4 and 5 their first export
+    (two,) = [r for r in early if r["sourceTransportPort"] == 2]
+    assert (two["octetTotalCount"], two["octetDeltaCount"]) == (400, 200)
+    # The connection's next record makes a new flow: deltas go on from what was exported.
+    store.add(intra_node(2, 1030, (6, 600, 6, 600), (2, 200, 2, 200)), NODE1, 1030)
+    (again,) = [r for r in store.expire(1030) if r["sourceTransportPort"] == 2]
+    assert (again["octetTotalCount"], again["octetDeltaCount"]) == (600, 200)
+
+
+def test_a_waiting_half_let_go_is_exported_incomplete_and_is_no_correlation_timeout():
+    store = AggregationStore(60.0, 90.0, 60.0, max_flows=1000)
+    store.add(source_half(1010), NODE1, 1010)
+    for port in range(1000):
+        store.add(intra_node(20000 + port, 1011), NODE1, 1011)
+    assert store.waiting == 0 and len(store) == 1000
+    out = store.expire(1011)
+    (half,) = [r for r in out if r["sourcePodName"] == "client" and r["flowType"] == FLOW_INTER]
+    assert half["incomplete"] is True
+    assert store.stats.correlation_timeouts == 0
+    assert store.stats.evicted == {"exported": 1}
+
+
+def test_the_creation_order_is_rebuilt_when_gone_flows_outnumber_the_held():
+    store = AggregationStore(1.0, 1.0, 60.0, max_flows=1000)
+    for round_ in range(5):  # flows come and go by the inactive timeout, none evicted
+        now = 1000 + 10 * round_
+        for port in range(1000):
+            store.add(intra_node(port + 1000 * round_, now), NODE1, now)
+        store.expire(now)
+        store.expire(now + 5)
+    assert len(store) == 0 and not store.stats.evicted
+    assert len(store._age) <= 2 * 1000 + 1024
