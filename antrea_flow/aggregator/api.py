@@ -28,7 +28,6 @@ import hmac
 import json
 import logging
 import mimetypes
-import select
 import socket
 import threading
 import time
@@ -45,14 +44,12 @@ from ..durations import parse_duration
 from ..flowfilter import FILTER_PARAMETERS, FilterError, FlowFilter, parse_filter
 from ..ipfix.address import TransportAddress
 from .graph import GROUPINGS, flow_graph, node_throughput
+from .streams import MAX_STREAMS, StreamPump, line
 from .window import Entry, FlowWindow, encode
 
 log = logging.getLogger(__name__)
 
-MAX_CLIENTS = 128  # connections served at once; more get 503
-SEND_TIMEOUT = 10.0  # seconds a client may leave what we send untaken before it is cut off
-KEEPALIVE = 15.0  # seconds of silence after which a follow stream sends a keep-alive
-FOLLOW_BATCH = 256  # records a follow stream writes at once (what it holds meanwhile)
+MAX_CLIENTS = 128  # requests answered at once (follow streams are the pump's); more get 503
 DEFAULT_LAST = 20
 MAX_LAST = 1_000_000
 UI_DIR = resources.files("antrea_flow.aggregator") / "ui"
@@ -137,10 +134,10 @@ class FlowApi:
         self.history = history
         self.clock = clock
         self.stats = ApiStats()
-        self.stopping = threading.Event()
         self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self.pump: StreamPump | None = None
 
     def start(self) -> None:
         api = self
@@ -153,6 +150,8 @@ class FlowApi:
         server_class = _DualStackServer if ":" in host else ThreadingHTTPServer
         self._server = server_class((host, self.address.port), Handler)
         self._server.daemon_threads = True
+        self.pump = StreamPump(self.window, self.stats)
+        self.pump.start()
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="flow-api", daemon=True
         )
@@ -164,11 +163,11 @@ class FlowApi:
         return self._server.server_address[1]
 
     def stop(self) -> None:
-        self.stopping.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
-            self.window.published()  # wake the follow streams so that they end
+        if self.pump is not None:
+            self.pump.stop()  # the follow streams end
 
     def metrics(self, prefix: str):
         from ..metrics import counter, gauge, labelled_counter
@@ -316,8 +315,13 @@ class _Handler(BaseHTTPRequestHandler):
             if len(past) < last and self.api.history is not None:
                 self._stored(flow_filter, last, past, content_type)
                 return
-            body = b"".join(_line(entry, sse) for entry in past)
+            body = b"".join(line(entry, sse) for entry in past)
             self._send(HTTPStatus.OK, content_type, body, {"X-Flow-Source": "window"})
+            return
+        pump = self.api.pump
+        assert pump is not None
+        if pump.full():
+            self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"more than {MAX_STREAMS} follow streams")
             return
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", content_type)
@@ -326,12 +330,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
         self.api.stats.count(self.api.stats.requests, "200")
-        self.connection.settimeout(SEND_TIMEOUT)
-        self.api.stats.stream(+1)
-        try:
-            self._follow(flow_filter, cursor, past, sse)
-        finally:
-            self.api.stats.stream(-1)
+        # The connection is the pump's from here; what this handler had of it closes.
+        sock = socket.socket(fileno=self.connection.detach())
+        first = b"".join(line(entry, sse) for entry in past)
+        pump.add(sock, flow_filter, cursor, sse, first, len(past))
 
     def _stored(
         self, flow_filter: FlowFilter, last: int, past: list[Entry], content_type: str
@@ -342,68 +344,13 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             stored, settled = self.api.history(flow_filter, last)
         except HistoryUnavailable as exc:
-            body = b"".join(_line(entry, False) for entry in past)
+            body = b"".join(line(entry, False) for entry in past)
             headers = {"X-Flow-Source": "window", "X-Flow-History-Error": _header(str(exc))}
             self._send(HTTPStatus.OK, content_type, body, headers)
             return
         records = stored + [entry.record for entry in past if entry.seq >= settled]
         body = b"".join(encode(record) for record in records[-last:])
         self._send(HTTPStatus.OK, content_type, body, {"X-Flow-Source": "clickhouse"})
-
-    def _follow(self, flow_filter: FlowFilter, cursor: int, past: list[Entry], sse: bool) -> None:
-        api, window, out = self.api, self.api.window, self.wfile
-        everything = flow_filter == FlowFilter()  # then no record needs looking at
-        pending = [_line(entry, sse) for entry in past]
-        records = len(pending)  # of the pending lines (the rest are keep-alives)
-        quiet_since = time.monotonic()
-        while not api.stopping.is_set():
-            if pending:
-                try:
-                    out.write(b"".join(pending))
-                    out.flush()
-                except TimeoutError:
-                    api.stats.count(api.stats.cut_off, "send_timeout")
-                    raise
-                if records:
-                    api.stats.wrote(records)
-                pending, records = [], 0
-                quiet_since = time.monotonic()
-            entries, cursor, lost = window.read(cursor, FOLLOW_BATCH)
-            if lost:
-                api.stats.count(api.stats.cut_off, "window")
-                message = {
-                    "error": f"cut off: this stream fell {lost} records behind the "
-                    f"{window.capacity}-record window (read faster, or filter more)",
-                    "lost": lost,
-                }
-                out.write(_control(message, sse))
-                out.flush()
-                return
-            if everything and not sse:  # the common case: runs every such stream shares
-                pending, records = ([window.lines(entries)] if entries else []), len(entries)
-            else:
-                if not everything:
-                    entries = [e for e in entries if flow_filter.matches(e.record)]
-                pending, records = [_line(e, sse) for e in entries], len(entries)
-            if entries or cursor < window.next_seq:
-                continue
-            if time.monotonic() - quiet_since >= KEEPALIVE:
-                pending = [b": keep-alive\n\n" if sse else b"\n"]
-            elif self._client_gone():
-                return
-            else:
-                window.wait(cursor, 1.0)
-
-    def _client_gone(self) -> bool:
-        """The client closed its side (a follow client sends nothing after its request): its
-        stream ends now, not at the next write."""
-        readable, _, _ = select.select([self.connection], [], [], 0)
-        if not readable:
-            return False
-        try:
-            return self.connection.recv(1, socket.MSG_PEEK) == b""
-        except OSError:
-            return True
 
     def _graph(self, params: dict[str, list[str]]) -> None:
         flow_filter = self._filter(params, _GRAPH, GRAPH_SINCE)
@@ -494,20 +441,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-def _line(entry: Entry, sse: bool) -> bytes:
-    if sse:
-        return b"id: %d\ndata: %s\n\n" % (entry.seq, entry.line()[:-1])
-    return entry.line()
-
-
 def _header(text: str) -> str:
     """`text` as one header line: printable ASCII, bounded."""
     return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)[:300]
-
-
-def _control(message: dict, sse: bool) -> bytes:
-    data = json.dumps(message).encode()
-    return b"event: error\ndata: " + data + b"\n\n" if sse else data + b"\n"
 
 
 def _one(params: dict[str, list[str]], name: str, default: str) -> str:

@@ -10,7 +10,7 @@ readers can never slow the aggregator down.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
 import orjson
@@ -46,7 +46,7 @@ def encode(record: Mapping[str, Any]) -> bytes:
 
 class FlowWindow:
     """Owner: the aggregator's loop, the one writer (`append`, `published`). Readers on other
-    threads call `read`, `newest` and `wait`: the ring's slots are replaced whole and each
+    threads call `read`, `newest` and `lines`: the ring's slots are replaced whole and each
     entry carries its number, so a reader sees either the entry it wants or a newer one,
     which tells it that it fell behind. Records are never changed once appended."""
 
@@ -54,7 +54,7 @@ class FlowWindow:
         self.capacity = capacity
         self._ring: list[Entry | None] = [None] * capacity
         self.next_seq = 0  # the number the next record gets
-        self._changed = threading.Condition()
+        self._subscribers: list[Callable[[], None]] = []  # told of every publish
         # The NDJSON of runs of entries, shared by the readers that send the same run: the
         # API's threads all write it, each change under `_runs_lock`.
         self._runs: dict[tuple[int, int], bytes] = {}
@@ -66,9 +66,16 @@ class FlowWindow:
         self.next_seq = seq + 1
 
     def published(self) -> None:
-        """Wake the readers waiting for records (once per batch of appends)."""
-        with self._changed:
-            self._changed.notify_all()
+        """Tell the subscribers that records came (once per batch of appends)."""
+        for wake in self._subscribers:
+            wake()
+
+    def subscribe(self, wake: Callable[[], None]) -> None:
+        """`wake()` after each publish, on the writer's thread: it must not block."""
+        self._subscribers = [*self._subscribers, wake]  # replaced whole: read lock-free
+
+    def unsubscribe(self, wake: Callable[[], None]) -> None:
+        self._subscribers = [w for w in self._subscribers if w is not wake]
 
     def __len__(self) -> int:
         return min(self.next_seq, self.capacity)
@@ -121,11 +128,3 @@ class FlowWindow:
                 return  # the rest was overwritten while we read
             yield entry
             seq -= 1
-
-    def wait(self, cursor: int, timeout: float) -> bool:
-        """Block until a record numbered `cursor` or later exists, at most `timeout` seconds."""
-        with self._changed:
-            if self.next_seq > cursor:
-                return True
-            self._changed.wait(timeout)
-        return self.next_seq > cursor

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from antrea_flow import cli
-from antrea_flow.aggregator import api as api_module
+from antrea_flow.aggregator import streams as streams_module
 from antrea_flow.aggregator.api import FlowApi
 from antrea_flow.aggregator.config import load_aggregator_config
 from antrea_flow.aggregator.service import Aggregator
@@ -513,7 +513,7 @@ def test_a_cut_off_server_sent_event_stream_gets_an_error_event(serve, streams):
 def test_a_client_that_reads_nothing_is_cut_off_and_counted(serve, streams, monkeypatch):
     """It connects, then does not read while more than a window of records comes: when it
     reads again it finds the cut-off line, or the connection closed."""
-    monkeypatch.setattr(api_module, "SEND_TIMEOUT", 1.0)
+    monkeypatch.setattr(streams_module, "SEND_TIMEOUT", 1.0)
     api = serve(capacity=2_000)
     stream = streams(api, "/api/v1/flows?follow=true", rcvbuf=4096)
     until(lambda: open_streams(api) == 1, "the stream open")
@@ -537,7 +537,7 @@ def test_a_client_that_reads_nothing_is_cut_off_and_counted(serve, streams, monk
 def test_a_client_that_takes_nothing_for_the_send_timeout_is_cut_off(serve, streams, monkeypatch):
     """The window holds everything (no record is lost), but the client's socket is full for
     SEND_TIMEOUT: the stream is closed and counted as send_timeout."""
-    monkeypatch.setattr(api_module, "SEND_TIMEOUT", 0.5)
+    monkeypatch.setattr(streams_module, "SEND_TIMEOUT", 0.5)
     api = serve(capacity=20_000)
     stream = streams(api, "/api/v1/flows?follow=true", rcvbuf=4096)
     until(lambda: open_streams(api) == 1, "the stream open")
@@ -553,7 +553,7 @@ def test_a_client_that_takes_nothing_for_the_send_timeout_is_cut_off(serve, stre
 
 
 def test_appending_never_waits_for_idle_follow_clients(serve, streams, monkeypatch):
-    monkeypatch.setattr(api_module, "SEND_TIMEOUT", 1.0)
+    monkeypatch.setattr(streams_module, "SEND_TIMEOUT", 1.0)
     api = serve(capacity=1_000)
     idle = [streams(api, "/api/v1/flows?follow=true", rcvbuf=4096) for _ in range(20)]
     until(lambda: open_streams(api) == 20, "20 streams open")
@@ -742,7 +742,7 @@ def test_a_follow_client_that_goes_is_let_go_without_a_record_or_keep_alive(serv
     stream.head()
     until(lambda: open_streams(api) == 1, "the stream open")
     stream.close()
-    deadline = time.monotonic() + api_module.KEEPALIVE / 3  # well before a keep-alive
+    deadline = time.monotonic() + streams_module.KEEPALIVE / 3  # well before a keep-alive
     while open_streams(api) != 0:
         assert time.monotonic() < deadline, "the stream outlived its client"
         time.sleep(0.01)

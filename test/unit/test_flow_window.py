@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import threading
-import time
 import weakref
 
 from antrea_flow.aggregator.window import FlowWindow
@@ -86,56 +85,17 @@ def test_a_cursor_that_fell_behind_is_told_how_many_records_it_lost():
     assert window.read(6)[2] == 0  # the oldest still held: nothing lost
 
 
-def test_wait_returns_at_once_when_the_record_exists():
-    window = filled(4, 3)
-    assert window.wait(2, timeout=WAIT) is True
-    assert window.wait(0, timeout=WAIT) is True
-
-
-def test_wait_without_a_new_record_times_out_false():
-    window = filled(4, 3)
-    # Nothing else runs: no record can come, so this is the timeout path.
-    assert window.wait(3, timeout=0.01) is False
-
-
-def _waiting(window: FlowWindow, count: int) -> None:
-    """Until `count` threads block in window.wait (the condition's waiters: a CPython detail,
-    used so that the test knows the waiter sleeps before it publishes)."""
-    deadline = time.monotonic() + WAIT
-    while len(window._changed._waiters) < count:  # type: ignore[attr-defined]
-        assert time.monotonic() < deadline, "the reader never waited"
-        time.sleep(0.001)
-
-
-def test_wait_returns_when_another_thread_publishes():
-    window = filled(4, 3)
-    results = []
-    reader = threading.Thread(target=lambda: results.append(window.wait(3, timeout=60)))
-    reader.start()
-    _waiting(window, 1)
-    window.append(Rec(n=3))
-    window.published()
-    reader.join(WAIT)
-    assert not reader.is_alive(), "published() did not wake the reader"
-    assert results == [True]
-
-
-def test_published_wakes_every_reader():
+def test_subscribers_are_told_of_every_publish_until_they_leave():
     window = FlowWindow(4)
-    results = []
-    readers = [
-        threading.Thread(target=lambda: results.append(window.wait(0, timeout=60)))
-        for _ in range(5)
-    ]
-    for reader in readers:
-        reader.start()
-    _waiting(window, 5)
+    told: list[str] = []
+    first, second = (lambda: told.append("first")), (lambda: told.append("second"))
+    window.subscribe(first)
+    window.subscribe(second)
     window.append(Rec(n=0))
     window.published()
-    for reader in readers:
-        reader.join(WAIT)
-    assert not any(r.is_alive() for r in readers)
-    assert results == [True] * 5
+    window.unsubscribe(first)
+    window.published()
+    assert told == ["first", "second", "second"]
 
 
 def test_a_reader_racing_the_writer_sees_every_record_in_order_or_counts_it_lost():
@@ -143,6 +103,8 @@ def test_a_reader_racing_the_writer_sees_every_record_in_order_or_counts_it_lost
     window = FlowWindow(64)
     total = 50_000
     seen, lost_total, errors = [0], [0], []
+    woke = threading.Event()
+    window.subscribe(woke.set)
 
     def read() -> None:
         cursor = 0
@@ -160,7 +122,8 @@ def test_a_reader_racing_the_writer_sees_every_record_in_order_or_counts_it_lost
             # a read cut short by an overwrite resumes where it stopped: counted next time
             cursor = next_cursor
             if not entries and not lost:
-                window.wait(cursor, 1.0)
+                woke.wait(1.0)
+                woke.clear()
 
     reader = threading.Thread(target=read)
     reader.start()
