@@ -122,25 +122,30 @@ class StreamPump:
 
     def _run(self) -> None:
         try:
-            while not self._stopping.is_set():
-                self._take_new()
-                busy = False
-                timeout = 1.0
-                now = self.clock()
-                for stream in list(self._streams.values()):
-                    more, wait = self._serve(stream, now)
-                    busy = busy or more
-                    timeout = min(timeout, wait)
-                for key, events in self._selector.select(0 if busy else max(0.0, timeout)):
-                    if key.fd == self._wake_read:
-                        with contextlib.suppress(BlockingIOError):
-                            os.read(self._wake_read, 4096)
-                    elif events & selectors.EVENT_READ:
-                        self._check_gone(key.data)
+            self._serve_until_stopped()
+        except Exception:  # a bug: the streams end (their clients see it), the API stays
+            log.exception("the flow API's follow streams stopped")
         finally:
             for stream in list(self._streams.values()):
                 self._close(stream)
             self._selector.close()
+
+    def _serve_until_stopped(self) -> None:
+        while not self._stopping.is_set():
+            self._take_new()
+            busy = False
+            timeout = 1.0
+            now = self.clock()
+            for stream in list(self._streams.values()):
+                more, wait = self._serve(stream, now)
+                busy = busy or more
+                timeout = min(timeout, wait)
+            for key, events in self._selector.select(0 if busy else max(0.0, timeout)):
+                if key.fd == self._wake_read:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_read, 4096)
+                elif events & selectors.EVENT_READ:
+                    self._check_gone(key.data)
 
     def _take_new(self) -> None:
         while True:
@@ -158,8 +163,8 @@ class StreamPump:
         it needs looking at again)."""
         if stream.out is None:
             self._fill(stream, now)
-        if stream.out is None:
-            return False, stream.quiet_since + KEEPALIVE - now
+        if stream.out is None:  # nothing for it yet: more to read, or a keep-alive to wait for
+            return stream.cursor < self.window.next_seq, stream.quiet_since + KEEPALIVE - now
         try:
             sent = stream.sock.send(memoryview(stream.out)[stream.sent :])
         except BlockingIOError:

@@ -413,6 +413,20 @@ def test_follow_streams_records_appended_after_connecting_and_only_matching_ones
     until(ended, "the stream's end noticed")
 
 
+def test_a_filtered_stream_reads_past_many_records_it_does_not_want(serve, streams):
+    """More non-matching records than one read takes, then a match, in one publish: the
+    match comes at once, not at the next publish."""
+    api = serve(capacity=50_000)
+    stream = streams(api, "/api/v1/flows?follow=true&verdict=DROPPED")
+    stream.head()
+    until(lambda: open_streams(api) == 1, "the stream open")
+    # 40,000 records, 157 reads: served back to back they take well under a second; a pump
+    # waiting for its next tick between reads takes longer than this liveness bound.
+    stream.sock.settimeout(WAIT / 3)
+    publish(api.window, [*(numbered(i) for i in range(40_000)), numbered(40_000, **DROPPED)])
+    assert number(stream.flow()) == 40_000
+
+
 def test_follow_with_last_sends_the_past_first(serve, streams):
     api = serve()
     publish(api.window, [numbered(i) for i in range(5)])
