@@ -53,6 +53,7 @@ from typing import Any
 import benchkit
 from benchkit import GOAL_INTAKE, INTAKE_TIMEOUT, fmt_rate, maybe_round, rate, versus
 
+from antrea_flow import gctune
 from antrea_flow.aggregator.aggregation import AggregationStore
 from antrea_flow.aggregator.config import AggregatorConfig
 from antrea_flow.aggregator.service import Aggregator
@@ -374,6 +375,8 @@ async def _run_aggregator(args: argparse.Namespace) -> dict[str, Any]:
     correlated_expected, flows_expected = expected_counts(args.exporters, args.per_exporter)
     result: dict[str, Any] = {"mode": args.mode, "records": total, "profiled": args.profile}
     aggregator = Aggregator(aggregator_config(args.cert_dir, api=args.mode == "api"))
+    if not args.gc_defaults:
+        gctune.tune()  # as `antrea-flow aggregator` does once it is built
     store = aggregator.store
     collector = aggregator.collector
     state: dict[str, Any] = {"records": 0}
@@ -568,8 +571,9 @@ def store_in_subprocess(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def intake_in_subprocess(
-    mode: str, cert_dir: Path, exporters: int, per_exporter: int, profile: bool = False
-) -> dict[str, Any]:
+    mode: str, cert_dir: Path, exporters: int, per_exporter: int, profile: bool = False,
+    gc_defaults: bool = False,
+) -> dict[str, Any]:  # fmt: skip
     options = [
         f"--cert-dir={cert_dir}",
         f"--exporters={exporters}",
@@ -577,6 +581,8 @@ def intake_in_subprocess(
     ]
     if profile:
         options.append("--profile")
+    if gc_defaults:
+        options.append("--gc-defaults")
     return benchkit.run_variant(__file__, "aggregator", mode, options, INTAKE_TIMEOUT + 300)
 
 
@@ -683,6 +689,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--role", choices=("main", "aggregator", "exporters", "followers", "store"), default="main"
     )
     parser.add_argument("--flows", type=int, help="flows the store is filled to (1,000,000)")
+    parser.add_argument(
+        "--gc-defaults",
+        action="store_true",
+        help="leave Python's garbage collector settings as they are (for comparison)",
+    )
     parser.add_argument("--mode", choices=MODES, default="aggregator")
     parser.add_argument("--cert-dir", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)

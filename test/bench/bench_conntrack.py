@@ -17,8 +17,10 @@ the last line is a JSON object.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import shutil
 import socket
 import subprocess
@@ -135,9 +137,11 @@ def rss_mb() -> float:
     return 0.0
 
 
-def agent_role(ns: str, inventory_file: str, cpu_seconds: float) -> None:
-    """Child process: the agent's own poll cycles, CPU share and memory."""
+def agent_role(ns: str, inventory_file: str, cpu_seconds: float, profile: bool) -> None:
+    """Child process: the agent's own poll cycles, CPU share and memory (with `profile`,
+    where the first poll's time goes, to stderr)."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+    from antrea_flow import gctune
     from antrea_flow.conntrack import netns
     from antrea_flow.conntrack.netlink import ConntrackDumper
     from antrea_flow.exporter.agent import Agent
@@ -158,6 +162,7 @@ def agent_role(ns: str, inventory_file: str, cpu_seconds: float) -> None:
     )
     agent = Agent(config, "bench-node", ns)
     agent.refresh_metadata()
+    gctune.tune()  # as `antrea-flow agent` does once it is built
     rss_before = rss_mb()
 
     dumper = ConntrackDumper(ns, 65520)
@@ -167,9 +172,16 @@ def agent_role(ns: str, inventory_file: str, cpu_seconds: float) -> None:
         count[0] = dumper.dump().count
 
     raw = best_of(3, raw_dump)
+    profiler = cProfile.Profile() if profile else None
     start = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
     entries = agent.poll()
     first = time.perf_counter() - start
+    if profiler is not None:
+        profiler.disable()
+        stats = pstats.Stats(profiler, stream=sys.stderr)
+        stats.sort_stats("tottime").print_stats(25)
     steady = best_of(3, agent.poll)
     stored = len(agent.store)
 
@@ -222,9 +234,12 @@ def main() -> int:
     parser.add_argument("--role", choices=("main", "agent"), default="main")
     parser.add_argument("--netns")
     parser.add_argument("--inventory")
+    parser.add_argument(
+        "--profile", action="store_true", help="print where the first poll's time goes (cProfile)"
+    )
     args = parser.parse_args()
     if args.role == "agent":
-        agent_role(args.netns, args.inventory, args.cpu_seconds)
+        agent_role(args.netns, args.inventory, args.cpu_seconds, args.profile)
         return 0
     if os.geteuid() != 0 or not shutil.which("conntrack"):
         print("bench_conntrack: needs root and conntrack-tools; skipped")
@@ -250,12 +265,16 @@ def main() -> int:
                 inventory_file,
                 "--cpu-seconds",
                 str(args.cpu_seconds),
+                *(["--profile"] if args.profile else []),
             ],
             capture_output=True,
             text=True,
         )
         if child.returncode:
             raise RuntimeError(f"agent role failed:\n{child.stderr}")
+        if args.profile:
+            print("the agent's first poll under cProfile (a slower poll than the timed one):")
+            print(child.stderr.rstrip())
         agent = json.loads(child.stdout.strip().splitlines()[-1])
         cli_after = conntrack_cli(ns)
     finally:
