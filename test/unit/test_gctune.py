@@ -19,4 +19,3 @@ def test_start_up_is_frozen_and_collections_come_less_often():
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
                          check=True, timeout=60).stdout  # fmt: skip
     assert out.strip() == "(50000, 20, 100) True"
-
