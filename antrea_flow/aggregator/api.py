@@ -16,9 +16,9 @@ one gets a 400 that names it and the accepted form. With apiToken set every requ
 `Authorization: Bearer <token>` (or `access_token=<token>`, for the UI's address bar).
 
 Each request runs on a thread of its own and reads the window without a lock (see
-FlowWindow). A follow stream that falls a whole window behind, or whose client does not
-take what is sent for SEND_TIMEOUT seconds, is cut off and counted: the aggregator never
-waits for a reader.
+FlowWindow); a follow request's connection is handed, once its headers are sent, to the
+one thread that serves every stream (streams.StreamPump): the aggregator never waits for
+a reader.
 """
 
 from __future__ import annotations
