@@ -1214,13 +1214,6 @@ def _service(name: str, ports: list[dict[str, Any]], node_port: bool = False) ->
     return {"apiVersion": "v1", "kind": "Service", "metadata": meta(name, name), "spec": spec}
 
 
-def _pod_template(component: str, pod_spec: dict[str, Any], annotations=None) -> dict[str, Any]:
-    metadata: dict[str, Any] = {"labels": labels(component)}
-    if annotations:
-        metadata["annotations"] = annotations
-    return {"metadata": metadata, "spec": pod_spec}
-
-
 def elasticsearch_objects() -> list[dict[str, Any]]:
     settings = {
         "cluster.name": "elk-flow-collector",
@@ -1279,17 +1272,12 @@ def elasticsearch_objects() -> list[dict[str, Any]]:
             "elasticsearch",
             [{"name": "http", "port": ELASTICSEARCH_PORT, "targetPort": "http", "protocol": "TCP"}],
         ),  # fmt: skip
-        {
-            "apiVersion": "apps/v1",
-            "kind": "StatefulSet",
-            "metadata": meta("elasticsearch", "elasticsearch"),
-            "spec": {
-                "serviceName": "elasticsearch",
-                "replicas": 1,
-                "selector": {"matchLabels": labels("elasticsearch")},
-                "template": _pod_template("elasticsearch", pod),
-            },
-        },
+        manifests.workload(
+            "StatefulSet",
+            meta("elasticsearch", "elasticsearch"),
+            pod,
+            service_name="elasticsearch",
+        ),
     ]
 
 
@@ -1346,17 +1334,8 @@ def logstash_objects(files: dict[str, str]) -> list[dict[str, Any]]:
             {"name": "tcp-ipfix", "port": IPFIX_PORT, "targetPort": "tcp-ipfix",
              "protocol": "TCP"},
         ]),
-        {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": meta("logstash", "logstash"),
-            "spec": {
-                "replicas": 1,
-                "selector": {"matchLabels": labels("logstash")},
-                "template": _pod_template("logstash", pod,
-                                          {"antrea-flow/logstash-config": checksum}),
-            },
-        },
+        manifests.workload("Deployment", meta("logstash", "logstash"), pod,
+                           annotations={"antrea-flow/logstash-config": checksum}),
     ]  # fmt: skip
 
 
@@ -1390,16 +1369,7 @@ def kibana_objects_manifest(ndjson: str) -> list[dict[str, Any]]:
     return [
         _service("kibana", [{"name": "http", "port": KIBANA_PORT, "targetPort": "http",
                              "nodePort": KIBANA_NODE_PORT, "protocol": "TCP"}], node_port=True),
-        {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": meta("kibana", "kibana"),
-            "spec": {
-                "replicas": 1,
-                "selector": {"matchLabels": labels("kibana")},
-                "template": _pod_template("kibana", pod),
-            },
-        },
+        manifests.workload("Deployment", meta("kibana", "kibana"), pod),
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(KIBANA_CONFIGMAP),
          "data": {"kibana.ndjson": ndjson}},
         importer_job(overview),

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # the sibling generators and the
 import elk  # noqa: E402
 import grafana  # noqa: E402
 import manifests  # noqa: E402
-from manifests import meta  # noqa: E402
+from manifests import meta, workload  # noqa: E402
 
 from antrea_flow.aggregator.config import CLICKHOUSE_CA  # noqa: E402
 from antrea_flow.k8s.credentials import (  # noqa: E402
@@ -243,38 +243,26 @@ def aggregator_deployment() -> dict[str, Any]:
             {"name": "clickhouse-ca", "mountPath": CLICKHOUSE_CA_DIRECTORY, "readOnly": True},
         ],
     }
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": meta("flow-aggregator", NAMESPACE, labels),
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": dict(labels)},
-                "spec": {
-                    "serviceAccountName": "flow-aggregator",
-                    "priorityClassName": "system-cluster-critical",
-                    "nodeSelector": {"kubernetes.io/os": "linux"},
-                    "securityContext": {
-                        "runAsNonRoot": True,
-                        "runAsUser": 65532,
-                        "runAsGroup": 65532,
-                        "fsGroup": 65532,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
-                    "containers": [container],
-                    "volumes": [
-                        {"name": "config",
-                         "configMap": {"name": "flow-aggregator-configmap"}},
-                        {"name": "state", "emptyDir": {}},
-                        {"name": "clickhouse-ca",
-                         "secret": {"secretName": "clickhouse-ca", "optional": True}},
-                    ],
-                },
-            },
+    pod = {
+        "serviceAccountName": "flow-aggregator",
+        "priorityClassName": "system-cluster-critical",
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 65532,
+            "runAsGroup": 65532,
+            "fsGroup": 65532,
+            "seccompProfile": {"type": "RuntimeDefault"},
         },
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": "flow-aggregator-configmap"}},
+            {"name": "state", "emptyDir": {}},
+            {"name": "clickhouse-ca",
+             "secret": {"secretName": "clickhouse-ca", "optional": True}},
+        ],
     }  # fmt: skip
+    return workload("Deployment", meta("flow-aggregator", NAMESPACE, labels), pod)
 
 
 # -- the agent ---------------------------------------------------------------------------
@@ -352,41 +340,31 @@ def agent_daemonset() -> dict[str, Any]:
         "command": ["sh", "-c", sysctls],
         "securityContext": {"privileged": True},
     }
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "DaemonSet",
-        "metadata": meta("antrea-flow-agent", AGENT_NAMESPACE, labels),
-        "spec": {
-            "selector": {"matchLabels": labels},
-            "updateStrategy": {"type": "RollingUpdate"},
-            "template": {
-                "metadata": {"labels": dict(labels)},
-                "spec": {
-                    "serviceAccountName": "antrea-flow-agent",
-                    "priorityClassName": "system-node-critical",
-                    # The Node's own network namespace: its conntrack table; the Node's
-                    # DNS policy still resolves the aggregator's Service name.
-                    "hostNetwork": True,
-                    "dnsPolicy": "ClusterFirstWithHostNet",
-                    "nodeSelector": {"kubernetes.io/os": "linux"},
-                    "tolerations": [
-                        {"key": "CriticalAddonsOnly", "operator": "Exists"},
-                        {"effect": "NoSchedule", "operator": "Exists"},
-                        {"effect": "NoExecute", "operator": "Exists"},
-                    ],
-                    "initContainers": [init],
-                    "containers": [container],
-                    "volumes": [
-                        {"name": "antrea-config",
-                         "configMap": {"name": "antrea-config",
-                                       "items": [{"key": "antrea-agent.conf",
-                                                  "path": "antrea-agent.conf"}]}},
-                        {"name": "tmp", "emptyDir": {"medium": "Memory"}},
-                    ],
-                },
-            },
-        },
+    pod = {
+        "serviceAccountName": "antrea-flow-agent",
+        "priorityClassName": "system-node-critical",
+        # The Node's own network namespace: its conntrack table; the Node's DNS policy
+        # still resolves the aggregator's Service name.
+        "hostNetwork": True,
+        "dnsPolicy": "ClusterFirstWithHostNet",
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [
+            {"key": "CriticalAddonsOnly", "operator": "Exists"},
+            {"effect": "NoSchedule", "operator": "Exists"},
+            {"effect": "NoExecute", "operator": "Exists"},
+        ],
+        "initContainers": [init],
+        "containers": [container],
+        "volumes": [
+            {"name": "antrea-config",
+             "configMap": {"name": "antrea-config",
+                           "items": [{"key": "antrea-agent.conf",
+                                      "path": "antrea-agent.conf"}]}},
+            {"name": "tmp", "emptyDir": {"medium": "Memory"}},
+        ],
     }  # fmt: skip
+    metadata = meta("antrea-flow-agent", AGENT_NAMESPACE, labels)
+    return workload("DaemonSet", metadata, pod, replicas=None, update_strategy="RollingUpdate")
 
 
 def antrea_config_objects() -> list[dict[str, Any]]:

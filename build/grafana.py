@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))  # manifests.py, the generators' shared part
 import manifests  # noqa: E402
-from manifests import meta  # noqa: E402
+from manifests import meta, workload  # noqa: E402
 
 from antrea_flow.k8s.credentials import DEFAULT_NAMESPACE as AGGREGATOR_NAMESPACE  # noqa: E402
 
@@ -1259,23 +1259,12 @@ def clickhouse_objects() -> list[tuple[str, dict[str, Any]]]:
         "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}},
         "volumeMounts": [{"name": "data", "mountPath": "/var/lib/clickhouse"}],
     }
-    statefulset = {
-        "apiVersion": "apps/v1",
-        "kind": "StatefulSet",
-        "metadata": meta("clickhouse", NAMESPACE, labels),
-        "spec": {
-            "serviceName": CLICKHOUSE_SERVICE,
-            "replicas": 1,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": dict(labels)},
-                "spec": {
-                    "containers": [container],
-                    "volumes": [{"name": "data", "emptyDir": {}}],
-                },
-            },
-        },
-    }
+    statefulset = workload(
+        "StatefulSet",
+        meta("clickhouse", NAMESPACE, labels),
+        {"containers": [container], "volumes": [{"name": "data", "emptyDir": {}}]},
+        service_name=CLICKHOUSE_SERVICE,
+    )
     service = {
         "apiVersion": "v1",
         "kind": "Service",
@@ -1372,37 +1361,24 @@ def grafana_objects(dashboards: dict[str, str]) -> list[tuple[str, dict[str, Any
             {"name": "dashboards", "mountPath": DASHBOARDS_PATH, "readOnly": True},
         ],
     }  # fmt: skip
-    deployment = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": meta("grafana", NAMESPACE, labels),
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": dict(labels)},
-                "spec": {
-                    "securityContext": {
-                        "runAsNonRoot": True,
-                        "runAsUser": 472,  # the image's grafana user
-                        "fsGroup": 472,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
-                    "containers": [container],
-                    "volumes": [
-                        {"name": "storage", "emptyDir": {}},
-                        {"name": "datasources",
-                         "configMap": {"name": "grafana-datasource-provider"}},
-                        {"name": "dashboard-providers",
-                         "configMap": {"name": "grafana-dashboard-provider"}},
-                        {"name": "dashboards", "projected": {"sources": [
-                            {"configMap": {"name": configmap_name(name)}}
-                            for name in dashboards]}},
-                    ],
-                },
-            },
+    pod = {
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 472,  # the image's grafana user
+            "fsGroup": 472,
+            "seccompProfile": {"type": "RuntimeDefault"},
         },
+        "containers": [container],
+        "volumes": [
+            {"name": "storage", "emptyDir": {}},
+            {"name": "datasources", "configMap": {"name": "grafana-datasource-provider"}},
+            {"name": "dashboard-providers",
+             "configMap": {"name": "grafana-dashboard-provider"}},
+            {"name": "dashboards", "projected": {"sources": [
+                {"configMap": {"name": configmap_name(name)}} for name in dashboards]}},
+        ],
     }  # fmt: skip
+    deployment = workload("Deployment", meta("grafana", NAMESPACE, labels), pod)
     configmaps = [
         ("", {"apiVersion": "v1", "kind": "ConfigMap",
               "metadata": meta("grafana-datasource-provider", NAMESPACE, labels),

@@ -25,6 +25,34 @@ def meta(name: str, namespace: str | None, labels: dict[str, str]) -> dict[str, 
     return out
 
 
+def workload(
+    kind: str,
+    metadata: dict[str, Any],
+    pod_spec: dict[str, Any],
+    *,
+    replicas: int | None = 1,
+    service_name: str | None = None,
+    update_strategy: str | None = None,
+    annotations: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """A Deployment, StatefulSet or DaemonSet (`replicas=None`) of one Pod template, whose
+    Pods carry the workload's labels (and `annotations`) and are selected by them."""
+    labels = metadata["labels"]
+    spec: dict[str, Any] = {}
+    if service_name is not None:
+        spec["serviceName"] = service_name
+    if replicas is not None:
+        spec["replicas"] = replicas
+    spec["selector"] = {"matchLabels": dict(labels)}
+    if update_strategy is not None:
+        spec["updateStrategy"] = {"type": update_strategy}
+    template_metadata: dict[str, Any] = {"labels": dict(labels)}
+    if annotations:
+        template_metadata["annotations"] = annotations
+    spec["template"] = {"metadata": template_metadata, "spec": pod_spec}
+    return {"apiVersion": "apps/v1", "kind": kind, "metadata": metadata, "spec": spec}
+
+
 class _Dumper(yaml.SafeDumper):
     pass
 
