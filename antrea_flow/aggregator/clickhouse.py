@@ -66,12 +66,22 @@ class Database:
             self._connect()
 
     def _connect(self) -> None:
-        import clickhouse_connect  # with chDB's 250 MB of libraries when embedded
+        import clickhouse_connect
 
         config = self.config
         parts = urlsplit(config.url)
         options: dict[str, Any]
         if config.embedded:
+            # The engine clickhouse-connect's "chdb" interface runs in this process (250 MB
+            # of libraries): loaded here, so that its absence says what is missing.
+            try:
+                import chdb
+            except ImportError as exc:
+                raise DatabaseError(
+                    f"{self.where}: chDB, the embedded engine, cannot be loaded ({exc}); "
+                    "install the chdb package, or give an http(s):// databaseURL"
+                ) from None
+            log.debug("embedded ClickHouse: chDB %s", chdb.__version__)
             options = {"interface": "chdb", "path": parts.path}
         else:
             options = {

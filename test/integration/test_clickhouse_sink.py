@@ -394,3 +394,17 @@ def test_the_aggregator_stores_what_it_exports_in_the_embedded_database(tmp_path
         destination = record.get("destinationIPv4Address") or record.get("destinationIPv6Address")
         expected.add((source, destination, record["sourcePodName"], record["octetDeltaCount"]))
     assert set(stored) == expected and len(stored) == 200
+
+
+def test_without_chdb_the_embedded_database_says_what_is_missing(tmp_path):
+    script = (
+        "import sys; sys.modules['chdb'] = None\n"  # as if the package were not installed
+        "from antrea_flow.aggregator.clickhouse import Database, DatabaseError\n"
+        "from antrea_flow.aggregator.config import ClickHouseConfig\n"
+        f"database = Database(ClickHouseConfig(url={(tmp_path / 'ch').as_uri()!r}))\n"
+        "try:\n    database.connect()\nexcept DatabaseError as exc:\n    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, timeout=120).stdout  # fmt: skip
+    assert "chDB, the embedded engine, cannot be loaded" in out
+    assert "install the chdb package, or give an http(s):// databaseURL" in out
