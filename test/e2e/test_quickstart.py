@@ -352,6 +352,18 @@ def connection(record: dict[str, Any]) -> tuple:
     )
 
 
+def identity(record: dict[str, Any]) -> tuple:
+    """What tells one exported record from another: its connection, end and counters."""
+    return (
+        *connection(record),
+        record.get("flowEndSeconds"),
+        record.get("flowEndReason"),
+        record.get("octetDeltaCount"),
+        record.get("packetDeltaCount"),
+        record.get("octetTotalCount"),
+    )
+
+
 def connections(records: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
     """Records by connection, each connection's in export order (flowEndSeconds, then the
     order they arrived in). A record whose first packet came after the previous record's
@@ -594,16 +606,6 @@ def test_aggregator_exports_reach_the_collector_unchanged(ran: QuickstartRun):
     """What the external collector got over IPFIX is what the aggregator exported (its JSON
     log), record for record; and the summary's count of incomplete records is the log's."""
 
-    def identity(record: dict[str, Any]) -> tuple:
-        return (
-            *connection(record),
-            record.get("flowEndSeconds"),
-            record.get("flowEndReason"),
-            record.get("octetDeltaCount"),
-            record.get("packetDeltaCount"),
-            record.get("octetTotalCount"),
-        )
-
     collected = sorted(map(identity, ran.records), key=repr)
     logged = sorted(map(identity, ran.json_log), key=repr)
     assert collected == logged
@@ -653,16 +655,6 @@ def test_the_embedded_clickhouse_holds_every_exported_record(ran: QuickstartRun)
         denied = database.rows(DENIED_BY_POLICY)
     finally:
         database.close()
-
-    def identity(record: dict[str, Any]) -> tuple:
-        return (
-            *connection(record),
-            record.get("flowEndSeconds"),
-            record.get("flowEndReason"),
-            record.get("octetDeltaCount"),
-            record.get("packetDeltaCount"),
-            record.get("octetTotalCount"),
-        )
 
     assert sorted(stored, key=repr) == sorted(map(identity, ran.json_log), key=repr)
     match = re.search(r"^ClickHouse \(embedded, \S+\): (\d+) records", ran.stdout, re.M)

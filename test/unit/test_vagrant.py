@@ -722,13 +722,15 @@ def test_dry_run_builds_with_podman_without_docker(tools: Tools, tmp_path: Path)
     assert "+ podman save -o " in run.stdout
 
 
-def test_a_real_run_needs_docker_or_podman(tools: Tools, tmp_path: Path):
+def push_from_a_copy(tools: Tools, tmp_path: Path, ssh_config: bool) -> subprocess.CompletedProcess:
+    """push_antrea.sh run for real from a copy of the scripts and manifests (with or
+    without the ssh-config provision.sh leaves)."""
     repo = tmp_path / "repo"
     shutil.copytree(VAGRANT_DIR, repo / "infra" / "vagrant", ignore=ignore_cluster_files)
     shutil.copytree(ROOT / "build" / "yamls", repo / "build" / "yamls")
-    (repo / "infra" / "vagrant" / "ssh-config").write_text(SSH_CONFIG)
-    tools.env["PATH"] = path_without_docker(tools, keep=("ssh", "scp", "kubectl"))
-    result = subprocess.run(
+    if ssh_config:
+        (repo / "infra" / "vagrant" / "ssh-config").write_text(SSH_CONFIG)
+    return subprocess.run(
         ["bash", str(repo / "infra" / "vagrant" / "push_antrea.sh")],
         cwd=tmp_path,
         env=tools.env,
@@ -736,6 +738,11 @@ def test_a_real_run_needs_docker_or_podman(tools: Tools, tmp_path: Path):
         text=True,
         timeout=60,
     )
+
+
+def test_a_real_run_needs_docker_or_podman(tools: Tools, tmp_path: Path):
+    tools.env["PATH"] = path_without_docker(tools, keep=("ssh", "scp", "kubectl"))
+    result = push_from_a_copy(tools, tmp_path, ssh_config=True)
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1] == (
         "push_antrea.sh: neither docker nor podman is on PATH: one is needed to build "
@@ -745,18 +752,8 @@ def test_a_real_run_needs_docker_or_podman(tools: Tools, tmp_path: Path):
 
 
 def test_push_antrea_needs_ssh_config_for_a_real_run(tools: Tools, tmp_path: Path):
-    # A copy of the scripts without ssh-config: a real run stops before touching anything.
-    copy = tmp_path / "repo"
-    shutil.copytree(VAGRANT_DIR, copy / "infra" / "vagrant", ignore=ignore_cluster_files)
-    shutil.copytree(ROOT / "build" / "yamls", copy / "build" / "yamls")
-    result = subprocess.run(
-        ["bash", str(copy / "infra" / "vagrant" / "push_antrea.sh")],
-        cwd=tmp_path,
-        env=tools.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    # Without ssh-config a real run stops before touching anything.
+    result = push_from_a_copy(tools, tmp_path, ssh_config=False)
     assert result.returncode == 1
     assert "ssh-config not found: run " in result.stderr
     assert "provision.sh first" in result.stderr
