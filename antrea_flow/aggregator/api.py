@@ -26,7 +26,6 @@ from __future__ import annotations
 import difflib
 import hmac
 import json
-import logging
 import mimetypes
 import socket
 import threading
@@ -46,8 +45,6 @@ from ..ipfix.address import TransportAddress
 from .graph import GROUPINGS, flow_graph, node_throughput
 from .streams import MAX_STREAMS, StreamPump, line
 from .window import Entry, FlowWindow, encode
-
-log = logging.getLogger(__name__)
 
 MAX_CLIENTS = 128  # requests answered at once (follow streams are the pump's); more get 503
 DEFAULT_LAST = 20

@@ -80,10 +80,6 @@ class FlowWindow:
     def __len__(self) -> int:
         return min(self.next_seq, self.capacity)
 
-    @property
-    def oldest_seq(self) -> int:
-        return max(0, self.next_seq - self.capacity)
-
     def read(self, cursor: int, limit: int = 4096) -> tuple[list[Entry], int, int]:
         """Up to `limit` entries from number `cursor` on, ending at a multiple of `limit` so
         that readers in step read the same runs: (entries, the next cursor, how many wanted
