@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple, cast
 from cryptography import x509
 from prometheus_client import CollectorRegistry
 
-from .. import gctune
+from .. import tuning
 from ..codes import AGGREGATOR_SERVICE_NAME
 from ..configfile import ConfigError
 from ..errors import UsageError, cannot_listen
@@ -564,7 +564,7 @@ def main(args) -> int:
         raise ConfigError(f"{args.config}: {exc}") from None
     except OSError as exc:
         raise UsageError(f"certDir {config.cert_dir}: {exc.strerror or exc}") from None
-    gctune.tune()
+    tuning.tune()
     asyncio.run(
         run_until_signalled(
             aggregator.run, aggregator.registry, config.metrics_address, aggregator.ready

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Histogram
 
-from .. import gctune
+from .. import tuning
 from ..codes import AGGREGATOR_SERVICE_NAME, END_REASON_NAMES
 from ..configfile import ConfigError
 from ..conntrack import netns
@@ -647,6 +647,6 @@ def main(args) -> int:
         config.poll_interval,
         config.collector,
     )
-    gctune.tune()
+    tuning.tune()
     asyncio.run(run_until_signalled(agent.run, agent.registry, config.metrics_address, agent.ready))
     return 0

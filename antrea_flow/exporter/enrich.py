@@ -6,6 +6,8 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from ..codes import (
     ACTION_ALLOW,
     FLOW_TYPE_FROM_EXTERNAL,
@@ -13,7 +15,7 @@ from ..codes import (
     FLOW_TYPE_INTRA_NODE,
     FLOW_TYPE_TO_EXTERNAL,
 )
-from ..conntrack.parser import Entry
+from ..conntrack.parser import Dump, Entry
 from ..k8s.stores import MetadataStore, NodeInfo, PodInfo, PolicyRule, unpack_ip
 
 # Antrea's conntrack mark bit for connections to a Service (set by its proxy).
@@ -24,6 +26,13 @@ _MEMO_SIZE = 1 << 16
 _MEMO_FIELDS = operator.attrgetter(
     "proto", "orig_src", "orig_dst", "orig_dport", "reply_src", "reply_sport", "mark", "labels"
 )
+
+
+# `groups`' key: __call__'s memo key as columns (addresses 16 bytes wide, with the width).
+_GROUP_KEY = np.dtype(
+    [("orig_src", "V16"), ("reply_src", "V16"), ("orig_dst", "V16"), ("labels", "V16"),
+     ("port", np.int64), ("proto", np.int64), ("service_bit", np.int64), ("wide", bool)]
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -143,6 +152,28 @@ class Enricher:
             memo.clear()
         meta = memo[memo_key] = self._enrich(entry, bool(service))
         return meta
+
+    def groups(self, dump: Dump, index: np.ndarray) -> np.ndarray:
+        """Per entry of `dump` at `index`, a group number: entries of a group get the same
+        metadata (they agree on all `__call__` keys its memo on), so a table's new entries
+        are enriched once per group, not once each."""
+        cols = dump.columns
+        orig_src, wide = dump.packed("orig_src", index)
+        orig_dst, _ = dump.packed("orig_dst", index)
+        reply_src, _ = dump.packed("reply_src", index)
+        labels, _ = dump.packed("labels", index)  # none and all-zero ones name no rule
+        orig_dport, reply_sport = cols["orig_dport"][index], cols["reply_sport"][index]
+        service_bit = cols["mark"][index] & SERVICE_CT_MARK
+        dnat = (orig_dst.view(np.uint64).reshape(-1, 2) != reply_src.view(np.uint64).reshape(
+            -1, 2)).any(axis=1)  # fmt: skip
+        service = (service_bit != 0) | dnat | (orig_dport != reply_sport)
+        key = np.zeros(len(index), _GROUP_KEY)
+        key["orig_src"], key["reply_src"], key["orig_dst"] = orig_src, reply_src, orig_dst
+        key["wide"], key["proto"], key["service_bit"] = wide, cols["proto"][index], service_bit
+        key["port"] = np.where(service, orig_dport, 0)
+        key["labels"] = labels
+        _, groups = np.unique(key.view(f"V{_GROUP_KEY.itemsize}"), return_inverse=True)
+        return groups.ravel()
 
     def _enrich(self, entry: Entry, service: bool) -> FlowMeta | None:
         source, destination = entry.orig_src, entry.reply_src

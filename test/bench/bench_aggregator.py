@@ -53,7 +53,7 @@ from typing import Any
 import benchkit
 from benchkit import GOAL_INTAKE, INTAKE_TIMEOUT, fmt_rate, maybe_round, rate, versus
 
-from antrea_flow import gctune
+from antrea_flow import tuning
 from antrea_flow.aggregator.aggregation import AggregationStore
 from antrea_flow.aggregator.config import AggregatorConfig
 from antrea_flow.aggregator.service import Aggregator
@@ -376,7 +376,7 @@ async def _run_aggregator(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"mode": args.mode, "records": total, "profiled": args.profile}
     aggregator = Aggregator(aggregator_config(args.cert_dir, api=args.mode == "api"))
     if not args.gc_defaults:
-        gctune.tune()  # as `antrea-flow aggregator` does once it is built
+        tuning.tune()  # as `antrea-flow aggregator` does once it is built
     store = aggregator.store
     collector = aggregator.collector
     state: dict[str, Any] = {"records": 0}

@@ -141,7 +141,7 @@ def agent_role(ns: str, inventory_file: str, cpu_seconds: float, profile: bool) 
     """Child process: the agent's own poll cycles, CPU share and memory (with `profile`,
     where the first poll's time goes, to stderr)."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-    from antrea_flow import gctune
+    from antrea_flow import tuning
     from antrea_flow.conntrack import netns
     from antrea_flow.conntrack.netlink import ConntrackDumper
     from antrea_flow.exporter.agent import Agent
@@ -162,7 +162,7 @@ def agent_role(ns: str, inventory_file: str, cpu_seconds: float, profile: bool) 
     )
     agent = Agent(config, "bench-node", ns)
     agent.refresh_metadata()
-    gctune.tune()  # as `antrea-flow agent` does once it is built
+    tuning.tune()  # as `antrea-flow agent` does once it is built
     rss_before = rss_mb()
 
     dumper = ConntrackDumper(ns, 65520)

@@ -4,8 +4,9 @@ and NetworkPolicy rules, as upstream's flow exporter computes them."""
 import json
 from functools import partial
 
+import numpy as np
 import pytest
-from agentkit import conntrack_entry, labels, metadata_store, node, pod
+from agentkit import ZONE, conntrack_entry, labels, metadata_store, node, pod, poll
 
 from antrea_flow.codes import (
     FLOW_TYPE_FROM_EXTERNAL,
@@ -13,7 +14,9 @@ from antrea_flow.codes import (
     FLOW_TYPE_INTRA_NODE,
     FLOW_TYPE_TO_EXTERNAL,
 )
-from antrea_flow.exporter.enrich import Enricher
+from antrea_flow.conntrack.parser import Dump
+from antrea_flow.exporter.connections import ConnectionStore
+from antrea_flow.exporter.enrich import Enricher, FlowMeta
 from antrea_flow.k8s.stores import RULE_IDS_ANNOTATION
 
 OBJECTS = [
@@ -400,3 +403,63 @@ def test_the_poll_and_deny_threads_each_enrich_with_their_own_enricher(tmp_path)
     for enricher in (poll_enricher, deny_enricher):
         meta = enricher(conntrack_entry("10.10.1.5", "10.10.1.6", sport=9))
         assert meta.source_pod.name == "client" and meta.destination_pod is None
+
+
+# -- groups: a table's new entries enriched once per group ---------------------------------
+
+
+def varied_entries():
+    """Entries over every case above: local, remote, external and gateway ends, IPv4 and
+    IPv6, Services by mark bit and by DNAT (TCP and UDP), direct connections to a Service
+    port, labels naming rules or nothing, ICMP; each on several source ports."""
+    v4 = ["10.10.1.5", "10.10.1.6", "10.10.2.7", "10.10.1.1", "93.184.216.34"]
+    v6 = ["fd00:10:10:1::5", "fd00:10:10:1::6", "2001:db8::1"]
+    rule_labels = [b"", bytes(16), labels(ingress=101), labels(egress=201),
+                   labels(ingress=101, egress=202), labels(ingress=999)]  # fmt: skip
+    out = []
+    for hosts, service_ip in ((v4, "10.96.0.10"), (v6, "fd00:10:96::a")):
+        for src in hosts:
+            for dst in hosts:
+                if src == dst:
+                    continue
+                for variant, ct_labels in enumerate(rule_labels):
+                    for sport in (40000, 40001):
+                        fields = dict(sport=sport, ct_labels=ct_labels)
+                        out.append(entry(src, dst, **fields))
+                        out.append(entry(src, dst, dport=80, mark=0x2 | 0x10, **fields))
+                        out.append(entry(src, dst, service=(service_ip, 80), **fields))
+                        out.append(entry(src, dst, proto=17, service=(service_ip, 80), **fields))
+                        if variant == 0:
+                            out.append(entry(src, dst, proto=1 if hosts is v4 else 58,
+                                             sport=sport, dport=8 << 8))  # fmt: skip
+    return [e._replace(id=number) for number, e in enumerate(out)]
+
+
+def meta_fields(meta):
+    return None if meta is None else tuple(getattr(meta, name) for name in FlowMeta.__slots__)
+
+
+def test_groups_join_exactly_the_entries_with_the_same_metadata(store):
+    entries = varied_entries()
+    groups = Enricher(store, "node-1").groups(Dump.of(entries), np.arange(len(entries)))
+    one_by_one = Enricher(store, "node-1")
+    metas = [meta_fields(one_by_one(e)) for e in entries]
+    by_group = {}
+    for group, meta in zip(groups.tolist(), metas, strict=True):
+        assert by_group.setdefault(group, meta) == meta
+    assert len(by_group) < len(entries) / 2  # the source ports never split a group
+
+
+def test_a_store_enriching_by_group_holds_what_one_by_one_gives(store):
+    entries = varied_entries()
+    grouped = ConnectionStore(Enricher(store, "node-1"), 60.0, 15.0, ZONE)
+    one_by_one_enricher = Enricher(store, "node-1")
+    one_by_one = ConnectionStore(lambda e: one_by_one_enricher(e), 60.0, 15.0, ZONE)
+    for connections in (grouped, one_by_one):
+        poll(connections, entries, now=0)
+    assert len(grouped) == len(one_by_one) > 0
+
+    def held(connections):
+        return {c.handle: (c.key, meta_fields(c.meta)) for c in connections}
+
+    assert held(grouped) == held(one_by_one)

@@ -197,10 +197,18 @@ def check_dump(dump, expected):
         column = dump.columns[name]
         assert column.dtype == np.int64, name
         assert column.tolist() == [getattr(e, name) for e in entries], name
+    byte_fields = ("orig_src", "orig_dst", "reply_src", "reply_dst", "labels")
     for e in entries:
         assert isinstance(e, Entry)
-        assert all(isinstance(getattr(e, f), bytes) for f in
-                   ("orig_src", "orig_dst", "reply_src", "reply_dst", "labels"))  # fmt: skip
+        assert all(isinstance(getattr(e, f), bytes) for f in byte_fields)
+    # The same fields as 16-byte columns, for any selection in any order.
+    index = np.arange(len(entries))[::-1].copy()
+    for name in byte_fields:
+        values, full = dump.packed(name, index)
+        wanted = [getattr(entries[i], name) for i in index.tolist()]
+        assert [bytes(v)[: len(w)] for v, w in zip(values, wanted, strict=True)] == wanted, name
+        assert all(not any(bytes(v)[len(w) :]) for v, w in zip(values, wanted, strict=True)), name
+        assert full.tolist() == [len(w) == 16 for w in wanted], name
 
 
 # -- single layouts ----------------------------------------------------------------------
