@@ -6,6 +6,8 @@ import errno
 import socket
 import struct
 
+import numpy as np
+
 from . import netns
 
 NETLINK_NETFILTER = 12
@@ -24,6 +26,11 @@ _NLA = struct.Struct("=HH")
 _ERRNO = struct.Struct("=i")
 _RECV_SIZE = 1 << 17
 _SOCKET_BUFFER = 8 << 20
+
+
+_HEADER = np.dtype([("length", "=u4"), ("type", "=u2")])
+# Shorter runs are framed one message at a time: numpy would cost more than it saves.
+_MIN_RUN = 8
 
 
 class ConntrackError(OSError):
@@ -105,6 +112,10 @@ class ConntrackDumper:
                 view.release()
             offset, stop = end, end + size
             while offset < stop:
+                taken, offset = _same_length_run(buffer, offset, stop, by_length)
+                count += taken
+                if offset >= stop:
+                    break
                 length, kind = unpack(buffer, offset)[:2]
                 if kind == NLMSG_DONE:
                     del buffer[offset:]
@@ -123,3 +134,26 @@ class ConntrackDumper:
                 count += 1
                 offset += (length + 3) & ~3
             end = stop
+
+
+def _same_length_run(
+    buffer: bytearray, offset: int, stop: int, by_length: dict[int, list[int]]
+) -> tuple[int, int]:
+    """Frame at once the data messages from `offset` on that have the length of the first,
+    up to the first one that has not (or is not a data message) or `stop`: most of a dump
+    is runs of entries of one layout. How many it took, and where the rest begins."""
+    length, kind = _NLMSG.unpack_from(buffer, offset)[:2]
+    step = (length + 3) & ~3
+    if kind in (NLMSG_DONE, NLMSG_ERROR) or length < _NLMSG.size:
+        return 0, offset
+    fits = (stop - offset) // step
+    if fits < _MIN_RUN:
+        return 0, offset
+    headers = np.ndarray((fits,), _HEADER, buffer, offset, (step,))
+    same = (headers["length"] == length) & (headers["type"] != NLMSG_DONE)
+    same &= headers["type"] != NLMSG_ERROR
+    del headers  # a view: the buffer cannot grow while it lives
+    taken = fits if same.all() else int(same.argmin())
+    by_length.setdefault(length, []).extend(range(offset >> 2, (offset + taken * step) >> 2,
+                                                  step >> 2))  # fmt: skip
+    return taken, offset + taken * step

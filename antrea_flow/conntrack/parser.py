@@ -13,7 +13,9 @@ the parser a new one.
 
 from __future__ import annotations
 
+import functools
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -263,25 +265,42 @@ class _Group:
         return np.ascontiguousarray(block).view(f"V{read.size}").ravel().tolist()
 
 
+class _Columns(dict):
+    """A dump's numeric columns by name, each made when first read: a poll of a table
+    that did not change reads a few of them."""
+
+    def __init__(self, make: Callable[[str], np.ndarray]):
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, name: str) -> np.ndarray:
+        if name not in NUMERIC:
+            raise KeyError(name)
+        column = self[name] = self._make(name)
+        return column
+
+
+def _column(groups: list[_Group], entries: list[Entry] | None, name: str) -> np.ndarray:
+    if entries is not None:
+        return np.array([getattr(e, name) for e in entries], dtype=np.int64)
+    parts = [g.column(name) for g in groups]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
 class Dump:
-    """One complete dump: numeric columns over all entries (numpy, in entry order), and the
-    entries themselves on demand."""
+    """One complete dump: numeric columns over all entries (numpy, in entry order, made
+    when first read), and the entries themselves on demand."""
 
     def __init__(self, groups: list[_Group], entries: list[Entry] | None = None):
         self._groups = groups
         self._entries = entries
+        # Not a method of the dump: that would be a reference cycle, and a dump (its whole
+        # buffer) would then live until the garbage collector's next full pass.
+        self.columns: dict[str, np.ndarray] = _Columns(functools.partial(_column, groups, entries))
         if entries is not None:
             self.size = len(entries)
-            self.columns: dict[str, np.ndarray] = {
-                name: np.array([getattr(e, name) for e in entries], dtype=np.int64)
-                for name in NUMERIC
-            }
             return
         self.size = sum(len(g.rows) for g in groups)
-        self.columns = {}
-        for name in NUMERIC:
-            parts = [g.column(name) for g in groups]
-            self.columns[name] = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         self._starts = np.cumsum([0] + [len(g.rows) for g in groups])
 
     @classmethod

@@ -439,8 +439,9 @@ class ConnectionStore:
         if len(positions):
             self._observe(slot[positions], order[positions], cols, dying[positions], now)
 
-        new = ~known
-        eligible = (new & self._eligible(cols, order, new)) | recheck
+        new = np.flatnonzero(~known)
+        eligible = recheck.copy()
+        eligible[new] = self._eligible(cols, order[new])
         positions = np.flatnonzero(eligible)
         active, idle = now + self.active_timeout, now + self.idle_timeout
         expiry = _Expiry(now, active, idle, min(active, idle))
@@ -488,21 +489,23 @@ class ConnectionStore:
                     answers[number] = meta_index(meta)
         return answers if inverse is None else answers[inverse.ravel()]
 
-    def _eligible(self, cols: dict[str, np.ndarray], order: np.ndarray, new: np.ndarray):
-        """Entries that can be flows: right zone, protocol, and committed; counts the new
-        ones that are not (so each entry is counted once)."""
-        zone = cols["zone"][order]
+    def _eligible(self, cols: dict[str, np.ndarray], entries: np.ndarray) -> np.ndarray:
+        """Which of the new `entries` can be flows: right zone, protocol, and committed;
+        counts those that are not (each entry once: it is new only once)."""
+        if not len(entries):
+            return np.zeros(0, bool)
+        zone = cols["zone"][entries]
         ok = zone == self.zone
         reasons = [("zone", ~ok)]
         if self.protocols is not None:
-            wrong = ok & ~np.isin(cols["proto"][order], self.protocols)
+            wrong = ok & ~np.isin(cols["proto"][entries], self.protocols)
             reasons.append(("protocol", wrong))
             ok &= ~wrong
-        uncommitted = ok & (zone != 0) & ((cols["mark"][order] & CONN_SOURCE_MASK) == 0)
+        uncommitted = ok & (zone != 0) & ((cols["mark"][entries] & CONN_SOURCE_MASK) == 0)
         reasons.append(("uncommitted", uncommitted))
         ok &= ~uncommitted
         for reason, mask in reasons:
-            count = int((mask & new).sum())
+            count = int(mask.sum())
             if count:
                 self.stats.filtered[reason] += count
         return ok
