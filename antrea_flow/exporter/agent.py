@@ -262,11 +262,14 @@ class Agent:
         self.evict_counted(force=True)
         started = time.perf_counter()
         dump = self._parser.parse(self._dumper.dump())
+        entries = len(dump)
         now = self.clock()
         self.store.update(dump, now)
         for flows, clock_offset in self._evicted:
             self.store.merge_counted(flows, clock_offset, now, self.denied.denies)
         self._evicted.clear()
+        del dump
+        tuning.release_free_memory()  # what the poll's columns took, back to the system
         self.poll_duration.observe(time.perf_counter() - started)
         try:
             self._table_count = int(
@@ -277,7 +280,7 @@ class Agent:
             )
         except (OSError, ValueError):
             pass
-        return len(dump)
+        return entries
 
     def evict_counted(self, force: bool = False) -> None:
         """Take the counter's flows out of the kernel, to be merged by the next poll: at

@@ -15,6 +15,7 @@ from antrea_flow.codes import (
     FLOW_TYPE_TO_EXTERNAL,
 )
 from antrea_flow.conntrack.parser import Dump
+from antrea_flow.exporter import enrich as enrich_module
 from antrea_flow.exporter.connections import ConnectionStore
 from antrea_flow.exporter.enrich import Enricher, FlowMeta
 from antrea_flow.k8s.stores import RULE_IDS_ANNOTATION
@@ -463,3 +464,16 @@ def test_a_store_enriching_by_group_holds_what_one_by_one_gives(store):
         return {c.handle: (c.key, meta_fields(c.meta)) for c in connections}
 
     assert held(grouped) == held(one_by_one)
+
+
+def test_groups_stay_exact_when_the_hash_collides(store, monkeypatch):
+    # A zero multiplier hashes every key alike: the check against each group's first key
+    # must then fall back to comparing the keys themselves.
+    entries = varied_entries()
+    everything = np.arange(len(entries))
+    hashed = Enricher(store, "node-1").groups(Dump.of(entries), everything)
+    monkeypatch.setattr(enrich_module, "_MIX", np.uint64(0))
+    collided = Enricher(store, "node-1").groups(Dump.of(entries), everything)
+    assert len(set(collided.tolist())) == len(set(hashed.tolist())) > 1
+    pairs = set(zip(hashed.tolist(), collided.tolist(), strict=True))
+    assert len(pairs) == len(set(hashed.tolist()))  # the same partition, other numbers

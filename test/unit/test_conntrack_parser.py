@@ -12,7 +12,15 @@ import pytest
 from agentkit import ESTABLISHED, TIME_WAIT, conntrack_entry, ip
 
 from antrea_flow.conntrack.netlink import Frames
-from antrea_flow.conntrack.parser import NUMERIC, TCP_STATES, Dump, Entry, ParseError, Parser
+from antrea_flow.conntrack.parser import (
+    _CHECK_ROWS,
+    NUMERIC,
+    TCP_STATES,
+    Dump,
+    Entry,
+    ParseError,
+    Parser,
+)
 
 IPCTNL_MSG_CT_NEW = (1 << 8) | 0
 NLM_F_MULTI = 0x2
@@ -539,6 +547,23 @@ def test_dump_of_nothing():
     dump = Dump.of([])
     assert len(dump) == 0 and dump.entries() == []
     assert len(dump.columns["id"]) == 0
+
+
+def test_layouts_of_the_same_length_are_told_apart_across_check_blocks():
+    # The headers are checked a block of entries at a time; entries of the other layout
+    # at both ends of blocks must still go to their own shape.
+    count = 2 * _CHECK_ROWS + 5
+    others = {0, _CHECK_ROWS - 1, _CHECK_ROWS, 2 * _CHECK_ROWS, count - 1}
+    messages = [
+        build(make(ct_id=i, zone=0, mark=0x12), zone=False)
+        if i in others
+        else build(make(ct_id=i, zone=65520, mark=0), mark=False)
+        for i in range(count)
+    ]
+    dump = parse(*messages)
+    columns = (dump.columns[name].tolist() for name in ("id", "zone", "mark"))
+    by_id = {i: (zone, mark) for i, zone, mark in zip(*columns, strict=True)}
+    assert by_id == {i: (0, 0x12) if i in others else (65520, 0) for i in range(count)}
 
 
 def test_a_dump_is_freed_as_soon_as_it_is_dropped():
