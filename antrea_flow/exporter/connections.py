@@ -646,7 +646,7 @@ class ConnectionStore:
         firsts = (flows["first_ns"] / 1e9 + clock_offset).tolist()
         lasts = (flows["last_ns"] / 1e9 + clock_offset).tolist()
         flag_bits = flows["flags"].tolist()
-        by_tuple, outcomes, rows = self._by_tuple, self.stats.counted_flows, self._rows
+        by_tuple, outcomes = self._by_tuple, self.stats.counted_flows
         for i in range(len(flows)):
             at, size = 16 * i, 16 if wide[i] else 4
             source, destination = sources[at : at + size], destinations[at : at + size]
@@ -684,7 +684,9 @@ class ConnectionStore:
             counts = (packets[i], octets[i], rev_packets[i], rev_octets[i])
             if not forward:
                 counts = (counts[2], counts[3], counts[0], counts[1])
-            row = rows[slot]  # a view: assignments go to the row
+            # A view: assignments go to the row. Of `self._rows` as it is now: a new
+            # untracked connection may have grown it.
+            row = self._rows[slot]
             for name, count in zip(_COUNTERS, counts, strict=True):
                 row[name] += count
             row["stop_time"] = max(row["stop_time"], last)

@@ -202,6 +202,16 @@ def test_traffic_conntrack_does_not_have_becomes_a_connection_of_its_own(store):
     assert list(store) == []
 
 
+def test_an_eviction_of_more_untracked_flows_than_the_store_has_rows_counts_them_all(store):
+    # The store grows its rows while it merges: every flow's counts land in the new rows.
+    store.update(Dump.of([]), wall(100))
+    many = [(key("10.10.1.5", "10.10.2.7", 17, 1024 + i, 9000), 1 + i % 7, 100, 0, 0, 95, 99, 0)
+            for i in range(3000)]  # fmt: skip
+    store.merge_counted(flows(*many), OFFSET, wall(100))
+    held = {c.key.source_port: c.packets for c in store}
+    assert held == {1024 + i: 1 + i % 7 for i in range(3000)}
+
+
 def test_nothing_is_counted_twice(store):
     """A packet is in exactly one record: the tracked connection's (conntrack's counts) or
     the untracked one's (the counter's), never both."""
