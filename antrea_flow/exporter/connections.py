@@ -150,13 +150,13 @@ class _Previous:
 
 
 # One row per connection held. Rows are reused once their connection is forgotten; a free
-# row has no deadline.
+# row has no deadline, and rows never handed out are not read.
 _ROW = np.dtype(
     [
         ("live", bool),  # a connection holds the row
         ("handle", np.uint64),  # the entry's handle; for an untracked connection, a number
-        ("source", "V16"),  # packed address; IPv4 in the first 4 bytes
-        ("destination", "V16"),
+        ("source", np.uint8, (16,)),  # packed address; IPv4 in the first 4 bytes
+        ("destination", np.uint8, (16,)),
         ("wide", bool),  # IPv6
         ("protocol", np.uint8),
         ("source_port", np.uint16),
@@ -229,7 +229,6 @@ class ConnectionStore:
         self.stats = StoreStats()
         self.counts = StoreCounts()
         self._rows = np.zeros(_FIRST_ROWS, _ROW)
-        self._rows["deadline"] = np.nan
         self._used = 0  # rows ever handed out: those past it were never used
         self._free = np.zeros(0, np.int64)  # rows below `_used` no connection holds
         self._count = 0
@@ -268,14 +267,14 @@ class ConnectionStore:
         reused, self._free = self._free[:count], self._free[count:]
         fresh = count - len(reused)
         if self._used + fresh > len(self._rows):
+            # Rows past `_used` are never read: left as zero pages until written.
             grown = np.zeros(max(2 * len(self._rows), self._used + fresh), _ROW)
-            grown["deadline"] = np.nan
             grown[: self._used] = self._rows[: self._used]
             self._rows = grown
         slots = np.concatenate([reused, np.arange(self._used, self._used + fresh)])
         self._used += fresh
         self._rows[reused] = np.zeros(1, _ROW)
-        self._rows["deadline"][reused] = np.nan
+        self._rows["deadline"][slots] = np.nan
         self._count += count
         return slots
 
@@ -326,8 +325,8 @@ class ConnectionStore:
         return make_key(
             FlowKey,
             (
-                bytes(row["source"])[:size],
-                bytes(row["destination"])[:size],
+                row["source"].tobytes()[:size],
+                row["destination"].tobytes()[:size],
                 int(row["protocol"]),
                 int(row["source_port"]),
                 int(row["destination_port"]),
@@ -347,7 +346,13 @@ class ConnectionStore:
             -handle if untracked else handle,
             make_key(
                 FlowKey,
-                (source[:size], destination[:size], protocol, source_port, destination_port),
+                (
+                    source.tobytes()[:size],
+                    destination.tobytes()[:size],
+                    protocol,
+                    source_port,
+                    destination_port,
+                ),
             ),  # fmt: skip
             self._metas[meta],
             packets,
@@ -560,7 +565,8 @@ class ConnectionStore:
         destination, _ = dump.packed("reply_src", entries)
         rows["live"][slots] = True
         rows["handle"][slots] = ids
-        rows["source"][slots], rows["destination"][slots] = source, destination
+        rows["source"][slots] = source.view(np.uint8).reshape(-1, 16)
+        rows["destination"][slots] = destination.view(np.uint8).reshape(-1, 16)
         rows["wide"][slots] = wide
         rows["protocol"][slots] = cols["proto"][entries]
         rows["source_port"][slots] = cols["orig_sport"][entries]
@@ -723,7 +729,8 @@ class ConnectionStore:
         row = self._rows[slot]
         row["live"] = row["untracked"] = True
         row["handle"] = next(self._untracked_numbers)
-        row["source"], row["destination"] = source.ljust(16, b"\0"), destination.ljust(16, b"\0")
+        row["source"] = np.frombuffer(source.ljust(16, b"\0"), np.uint8)
+        row["destination"] = np.frombuffer(destination.ljust(16, b"\0"), np.uint8)
         row["wide"] = len(source) == 16
         row["protocol"], row["source_port"], row["destination_port"] = proto, sport, dport
         row["meta"] = self._meta(meta)

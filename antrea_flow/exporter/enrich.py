@@ -28,12 +28,7 @@ _MEMO_FIELDS = operator.attrgetter(
 )
 
 
-# `groups`' key: __call__'s memo key as columns (addresses 16 bytes wide; the width is in
-# the protocol column's second byte).
-_GROUP_KEY = np.dtype(
-    [("orig_src", "V16"), ("reply_src", "V16"), ("orig_dst", "V16"), ("labels", "V16"),
-     ("port", np.int64), ("proto", np.int64), ("service_bit", np.int64)]
-)  # fmt: skip
+_KEY_WORDS = 11  # of `groups`' key: four 16-byte values, the port, protocol, Service bit
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # an odd multiplier that spreads the bits (Fibonacci)
 
 
@@ -159,34 +154,36 @@ class Enricher:
         """Per entry of `dump` at `index`, a group number: entries of a group get the same
         metadata (they agree on all `__call__` keys its memo on), so a table's new entries
         are enriched once per group, not once each."""
-        cols = dump.columns
-        orig_src, wide = dump.packed("orig_src", index)
-        orig_dst, _ = dump.packed("orig_dst", index)
-        reply_src, _ = dump.packed("reply_src", index)
-        labels, _ = dump.packed("labels", index)  # none and all-zero ones name no rule
+        cols, count = dump.columns, len(index)
+        # The memo key as 64-bit words, a row per word: the addresses 16 bytes wide (two
+        # words each), the labels (none and all-zero name no rule alike), then the port
+        # that matters, the protocol with the address width, and the Service bit.
+        key = np.empty((_KEY_WORDS, count), np.uint64)
+        for row, name in enumerate(("orig_src", "reply_src", "orig_dst", "labels")):
+            values, full = dump.packed(name, index)
+            key[2 * row : 2 * row + 2] = values.view(np.uint64).reshape(count, 2).T
+            if name == "orig_src":
+                wide = full
         orig_dport, reply_sport = cols["orig_dport"][index], cols["reply_sport"][index]
         service_bit = cols["mark"][index] & SERVICE_CT_MARK
-        dnat = (orig_dst.view(np.uint64).reshape(-1, 2) != reply_src.view(np.uint64).reshape(
-            -1, 2)).any(axis=1)  # fmt: skip
+        dnat = (key[4] != key[2]) | (key[5] != key[3])  # dialled another address
         service = (service_bit != 0) | dnat | (orig_dport != reply_sport)
-        key = np.zeros(len(index), _GROUP_KEY)
-        key["orig_src"], key["reply_src"], key["orig_dst"] = orig_src, reply_src, orig_dst
-        key["proto"] = cols["proto"][index] | (wide.astype(np.int64) << 8)
-        key["service_bit"] = service_bit
-        key["port"] = np.where(service, orig_dport, 0)
-        key["labels"] = labels
-        words = key.view(np.uint64).reshape(len(index), -1)
-        # Sorting 88-byte keys is slow (0.12 s for 250k); a hash of each sorts fast, and
-        # checking every key against its group's first settles collisions.
-        digest = np.zeros(len(index), np.uint64)
-        for column in words.T:
-            digest ^= column
+        key[8] = np.where(service, orig_dport, 0)
+        key[9] = cols["proto"][index] | (wide.astype(np.int64) << 8)
+        key[10] = service_bit
+        # Sorting whole keys is slow (88 bytes each); a hash of each sorts fast, and
+        # comparing every key with its group's first settles collisions.
+        digest = np.zeros(count, np.uint64)
+        for word in key:
+            digest ^= word
             digest *= _MIX
             digest ^= digest >> np.uint64(29)
         _, first, groups = np.unique(digest, return_index=True, return_inverse=True)
         groups = groups.ravel()
-        if not (words == words[first[groups]]).all():
-            _, groups = np.unique(key.view(f"V{_GROUP_KEY.itemsize}"), return_inverse=True)
+        representative = first[groups]
+        if not all((word == word[representative]).all() for word in key):
+            whole = np.ascontiguousarray(key.T).view(f"V{8 * _KEY_WORDS}").ravel()
+            _, groups = np.unique(whole, return_inverse=True)
         return groups.ravel()
 
     def _enrich(self, entry: Entry, service: bool) -> FlowMeta | None:
