@@ -478,9 +478,9 @@ class ConnectionStore:
         once per group; any other once per entry."""
         groups = getattr(self.enrich, "groups", None)
         if groups is not None and len(entries):
-            _, asked, inverse = np.unique(
-                groups(dump, entries), return_index=True, return_inverse=True
-            )
+            inverse = groups(dump, entries)  # numbers 0..k-1, each used
+            asked = np.empty(int(inverse.max()) + 1, np.int64)
+            asked[inverse] = np.arange(len(entries))  # one entry of each group
         else:
             asked, inverse = np.arange(len(entries)), None
         answers = np.full(len(asked), -1, np.int32)
@@ -492,7 +492,7 @@ class ConnectionStore:
                 meta = enrich(entry)
                 if meta is not None:
                     answers[number] = meta_index(meta)
-        return answers if inverse is None else answers[inverse.ravel()]
+        return answers if inverse is None else answers[inverse]
 
     def _eligible(self, cols: dict[str, np.ndarray], entries: np.ndarray) -> np.ndarray:
         """Which of the new `entries` can be flows: right zone, protocol, and committed;

@@ -151,9 +151,10 @@ class Enricher:
         return meta
 
     def groups(self, dump: Dump, index: np.ndarray) -> np.ndarray:
-        """Per entry of `dump` at `index`, a group number: entries of a group get the same
-        metadata (they agree on all `__call__` keys its memo on), so a table's new entries
-        are enriched once per group, not once each."""
+        """Per entry of `dump` at `index`, a group number (0 to the number of groups less
+        one, each used): entries of a group get the same metadata (they agree on all
+        `__call__` keys its memo on), so a table's new entries are enriched once per group,
+        not once each."""
         cols, count = dump.columns, len(index)
         # The memo key as 64-bit words, a row per word: the addresses 16 bytes wide (two
         # words each), the labels (none and all-zero name no rule alike), then the port
