@@ -749,11 +749,14 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-aggregator-") as tmp:
         cert_dir = Path(tmp) / "certs"  # the Aggregator creates its CA and certificates here
         for mode in MODES:
-            intake[mode] = intake_in_subprocess(mode, cert_dir, args.exporters, args.per_exporter)
+            intake[mode] = intake_in_subprocess(
+                mode, cert_dir, args.exporters, args.per_exporter, gc_defaults=args.gc_defaults
+            )
         if args.profile:
             profiled = intake_in_subprocess(
-                "aggregator", cert_dir, args.exporters, args.per_exporter, profile=True
-            )
+                "aggregator", cert_dir, args.exporters, args.per_exporter, profile=True,
+                gc_defaults=args.gc_defaults,
+            )  # fmt: skip
     failed = False
     for mode in MODES:
         r = intake[mode]
@@ -809,9 +812,18 @@ def main(args: argparse.Namespace) -> int:
             )
     print(f"   goal >= {GOAL_INTAKE:,} records/s on one core (go-ipfix's comparable benchmark)")
 
-    print("\n2.-4. the same records without the network (decoded once, in arrival order)")
+    print(
+        "\n2.-4. the same records without the network (decoded once, in arrival order; "
+        + (
+            "Python's collector settings)"
+            if args.gc_defaults
+            else "the aggregator's collector settings)"
+        )
+    )
     now = time.time()
     records = decoded_records(args.exporters, args.per_exporter)
+    if not args.gc_defaults:
+        tuning.tune()  # as the aggregator does once built (the decoded records are frozen)
     store = bench_store(records, args.repeats, now)
     if store["correlated"] != correlated_expected or store["flows"] != flows_expected:
         failed = True
