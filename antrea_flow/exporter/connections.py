@@ -18,8 +18,9 @@ Connections are rows of numpy columns (about 200 bytes each, no Python object pe
 connection), and each poll is applied as a difference: the dump is joined with the previous
 one by entry handle (below), which also says each tracked entry's row; counters, ends and
 deadlines of the changed and vanished entries are set with array operations, and only new
-entries reach Python (once each, to be enriched). An unchanged connection costs nothing per
-poll, which is what makes large tables cheap. Expiry takes the rows whose deadline is due.
+entries reach Python (once per group of entries with the same metadata, to be enriched).
+An unchanged connection costs nothing per poll, which is what makes large tables cheap.
+Expiry takes the rows whose deadline is due.
 
 All timing uses the `now` the caller passes (from an injectable clock).
 """
@@ -193,6 +194,14 @@ _EXPORTED = tuple(f"exported_{name}" for name in _COUNTERS)
 _FIRST_ROWS = 1024
 
 
+def _row_key(row: tuple) -> FlowKey[bytes]:
+    """The 5-tuple of a row (as `item()` gives it)."""
+    _live, _handle, source, destination, wide, protocol, source_port, destination_port = row[:8]
+    size = 16 if wide else 4
+    return make_key(FlowKey, (source.tobytes()[:size], destination.tobytes()[:size], protocol,
+                              source_port, destination_port))  # fmt: skip
+
+
 class ConnectionStore:
     """Connections of one conntrack zone, updated from complete dumps.
 
@@ -320,40 +329,19 @@ class ConnectionStore:
         self._rows["meta"][np.flatnonzero(live)] = inverse
 
     def _key(self, slot: int) -> FlowKey[bytes]:
-        row = self._rows[slot]
-        size = 16 if row["wide"] else 4
-        return make_key(
-            FlowKey,
-            (
-                row["source"].tobytes()[:size],
-                row["destination"].tobytes()[:size],
-                int(row["protocol"]),
-                int(row["source_port"]),
-                int(row["destination_port"]),
-            ),
-        )
+        return _row_key(self._rows[slot].item())
 
     def _connection(self, slot: int) -> Connection:
         """A snapshot of the connection in `slot`."""
         row = self._rows[slot].item()
-        (_live, handle, source, destination, wide, protocol, source_port, destination_port, meta,
+        (_live, handle, _source, _destination, _wide, _protocol, _sport, _dport, meta,
          packets, octets, reverse_packets, reverse_octets, exported_packets, exported_octets,
          exported_reverse_packets, exported_reverse_octets, tcp_state, start_time, stop_time,
          active_expire, idle_expire, _deadline, _dying, _gone, _finished, untracked,
          tcp_flags, first_packet, last_packet, counted_packets) = row  # fmt: skip
-        size = 16 if wide else 4
         return Connection(
             -handle if untracked else handle,
-            make_key(
-                FlowKey,
-                (
-                    source.tobytes()[:size],
-                    destination.tobytes()[:size],
-                    protocol,
-                    source_port,
-                    destination_port,
-                ),
-            ),  # fmt: skip
+            _row_key(row),
             self._metas[meta],
             packets,
             octets,
